@@ -1,0 +1,99 @@
+"""`reasonlab` command line: argument parsing only; every verb calls one function elsewhere."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from reasonlab.config import ConfigError
+
+EXIT_BAD_INPUT = 2
+
+
+def _fail(message: str) -> int:
+    print(f"reasonlab: error: {message}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+def cmd_train(args) -> int:
+    from reasonlab.config import load_config
+
+    cfg = load_config(args.job, args.overrides)
+    from reasonlab.train import run_training  # imports Ray; only after the job is known to be valid
+
+    outcome = run_training(cfg)
+    print(f"\nfinished run {outcome.run_name}: MLflow run id {outcome.run_id}\n"
+          f"  tracking store: {outcome.tracking_uri}\n"
+          f"  look at it with: reasonlab ui   (then open {outcome.ui_path})")
+    return 0
+
+
+def cmd_data_sample(args) -> int:
+    from reasonlab.config import apply_overrides, build_dataclass
+    from reasonlab.tasks import TASKS, make_task
+
+    if args.task not in TASKS:
+        raise ConfigError(f"{args.task}: unknown task; expected one of {sorted(TASKS)}")
+    if args.n < 1:
+        raise ConfigError(f"-n: expected a value > 0, got {args.n}")
+    fields: dict = {"name": args.task}
+    apply_overrides(fields, args.fields)
+    if args.seed is not None:
+        fields["seed"] = args.seed
+    params = build_dataclass(TASKS[args.task].Params, fields, "task")
+    params.check()
+    task = make_task(params)
+    examples = task.examples(0, args.n) if args.split == "train" else task.heldout(args.split)[: args.n]
+    sys.stdout.write("".join(e.line() + "\n" for e in examples))
+    return 0
+
+
+def cmd_ui(args) -> int:
+    from reasonlab.tracking import home, tracking_uri
+
+    uri = tracking_uri()
+    command = ["mlflow", "ui", "--host", "127.0.0.1", "--port", str(args.port), "--backend-store-uri", uri]
+    if uri.startswith("sqlite:///"):
+        command += ["--default-artifact-root", (home() / "mlartifacts").as_uri()]
+    print(f"MLflow UI for {uri} at http://127.0.0.1:{args.port}  (Ctrl-C stops it)", flush=True)
+    os.execvp(command[0], command)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="reasonlab", description="Experiments on how transformers reason, on Ray.")
+    verbs = p.add_subparsers(dest="verb", required=True)
+
+    train = verbs.add_parser("train", help="train one job (a YAML file) on Ray, tracked in MLflow")
+    train.add_argument("job", help="job file, e.g. jobs/quickstart.yaml")
+    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.lr=3e-4 model.n_layer=4")
+    train.set_defaults(func=cmd_train)
+
+    data = verbs.add_parser("data", help="look at generated data")
+    data_verbs = data.add_subparsers(dest="data_verb", required=True)
+    sample = data_verbs.add_parser("sample", help="print examples, one `input||cot #### answer` line each")
+    sample.add_argument("task", help="task name, e.g. multiplication")
+    sample.add_argument("-n", type=int, default=10, help="number of examples (default 10)")
+    sample.add_argument("--seed", type=int, default=None, help="the task's data seed")
+    sample.add_argument("--split", choices=["train", "valid", "test"], default="train")
+    sample.add_argument("fields", nargs="*", metavar="FIELD=VALUE", help="task fields, e.g. a_digits=5")
+    sample.set_defaults(func=cmd_data_sample)
+
+    ui = verbs.add_parser("ui", help="open the MLflow UI on 127.0.0.1")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.set_defaults(func=cmd_ui)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        return _fail(str(e))
+    except KeyboardInterrupt:
+        print("reasonlab: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

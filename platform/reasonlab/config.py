@@ -1,0 +1,332 @@
+"""Typed job configuration: YAML files, dotted `key=value` overrides, validation.
+
+A job is a YAML mapping with one section per dataclass below. Every key is checked against the
+dataclass fields (unknown keys and wrong types are errors), then each section checks its values.
+Errors are `ConfigError` with one line naming the key and what was expected; the CLI turns them into
+exit status 2 before anything starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A job file or override that cannot be run; the message names the key and what was expected."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sections
+
+
+@dataclass
+class ModelConfig:
+    arch: Literal["gpt2", "llama"] = "gpt2"
+    n_layer: int = 4
+    d_model: int = 256
+    n_head: int = 4
+    d_ff: Optional[int] = None  # default 4 * d_model
+    dropout: float = 0.0
+    max_len: Optional[int] = None  # position table size; default: the task's sequence length
+    pretrained: Optional[str] = None  # local path or hub id loaded with from_pretrained
+    attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+
+    def check(self) -> None:
+        _positive(self, "model", "n_layer", "d_model", "n_head")
+        if self.d_model % self.n_head:
+            raise ConfigError(f"model.d_model: {self.d_model} is not divisible by model.n_head={self.n_head}")
+        if self.d_ff is not None:
+            _positive(self, "model", "d_ff")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"model.dropout: expected a value in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class MethodConfig:
+    name: str = "cot"
+
+    def check(self) -> None:
+        from reasonlab.methods import METHODS
+
+        if self.name not in METHODS:
+            raise ConfigError(f"method.name: unknown method {self.name!r}; expected one of {sorted(METHODS)}")
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 1e-3
+    max_steps: int = 1000
+    batch_size: int = 64  # examples per optimizer step, all workers and accumulation steps together
+    grad_accum: int = 1
+    warmup_steps: int = 100
+    schedule: Literal["cosine", "constant"] = "cosine"
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 turns clipping off
+    seed: int = 0
+    eval_every: int = 500
+    log_every: int = 20
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast where CUDA supports it
+
+    def check(self) -> None:
+        _positive(self, "train", "lr", "max_steps", "batch_size", "grad_accum", "eval_every", "log_every")
+        for key in ("warmup_steps", "weight_decay", "grad_clip"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"train.{key}: expected a value >= 0, got {getattr(self, key)}")
+        for key in ("min_lr_ratio", "beta1", "beta2"):
+            if not 0 <= getattr(self, key) <= 1:
+                raise ConfigError(f"train.{key}: expected a value in [0, 1], got {getattr(self, key)}")
+
+
+@dataclass
+class EvalConfig:
+    num_examples: int = 500  # fixed validation set evaluated every train.eval_every steps
+    test_examples: int = 1000  # fixed test set evaluated once at the end
+    batch_size: int = 64  # decoding batch size; the ICoT papers quote throughput at batch size 1
+    max_new_tokens: Optional[int] = None  # default: the task's longest target plus a margin
+    log_predictions: int = 50  # predictions saved with the run
+
+    def check(self) -> None:
+        _positive(self, "eval", "num_examples", "test_examples", "batch_size")
+        if self.max_new_tokens is not None:
+            _positive(self, "eval", "max_new_tokens")
+        if self.log_predictions < 0:
+            raise ConfigError(f"eval.log_predictions: expected a value >= 0, got {self.log_predictions}")
+
+
+@dataclass
+class TrackingConfig:
+    experiment: str = "reasonlab"
+    run_name: Optional[str] = None  # a finished or killed run with this name is resumed
+    uri: Optional[str] = None  # default: $MLFLOW_TRACKING_URI, else a SQLite store under $REASONLAB_HOME
+    storage_path: Optional[str] = None  # Ray Train checkpoints; default $REASONLAB_HOME/ray_results
+
+    def check(self) -> None:
+        if self.run_name is not None and (not self.run_name or "/" in self.run_name):
+            raise ConfigError(f"tracking.run_name: expected a non-empty name without '/', got {self.run_name!r}")
+
+
+@dataclass
+class ScalingConfig:
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: Optional[float] = None  # default: 1, or less so that Ray Data keeps a CPU
+    gpus_per_worker: float = 1.0
+    torch_threads: Optional[int] = None  # default: this machine's cores / workers
+    max_failures: int = 0  # worker-group restarts from the last checkpoint before the run fails
+
+    def check(self) -> None:
+        _positive(self, "scaling", "num_workers", "gpus_per_worker")
+        if self.cpus_per_worker is not None:
+            _positive(self, "scaling", "cpus_per_worker")
+        if self.torch_threads is not None:
+            _positive(self, "scaling", "torch_threads")
+        if self.max_failures < -1:
+            raise ConfigError(f"scaling.max_failures: expected -1 (no limit) or a value >= 0, got {self.max_failures}")
+
+
+@dataclass
+class Config:
+    task: Any  # the dataclass registered for task.name
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    job: str = "job"  # the job file's stem, used in run names
+
+    def check(self) -> None:
+        for section in SECTIONS:
+            getattr(self, section).check()
+        per_step = self.scaling.num_workers * self.train.grad_accum
+        if self.train.batch_size % per_step:
+            raise ConfigError(
+                f"train.batch_size: {self.train.batch_size} is not divisible by "
+                f"scaling.num_workers * train.grad_accum = {per_step}"
+            )
+
+    @property
+    def micro_batch_size(self) -> int:
+        """Examples in one forward pass of one worker."""
+        return self.train.batch_size // (self.scaling.num_workers * self.train.grad_accum)
+
+    def to_dict(self) -> dict:
+        out = {section: dataclasses.asdict(getattr(self, section)) for section in SECTIONS}
+        out["job"] = self.job
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def flat(self) -> dict[str, Any]:
+        """`section.key` → value, for MLflow params."""
+        return {f"{s}.{k}": v for s in SECTIONS for k, v in dataclasses.asdict(getattr(self, s)).items()}
+
+    def replace(self, **sections: dict) -> "Config":
+        """A copy with some section fields changed, validated again."""
+        data = self.to_dict()
+        for section, values in sections.items():
+            data[section].update(values)
+        return config_from_dict(data, job=self.job)
+
+
+SECTIONS = ("task", "model", "method", "train", "eval", "tracking", "scaling")
+_SECTION_TYPES = {
+    "model": ModelConfig,
+    "method": MethodConfig,
+    "train": TrainConfig,
+    "eval": EvalConfig,
+    "tracking": TrackingConfig,
+    "scaling": ScalingConfig,
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+    """Read a job file, apply `section.key=value` overrides, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: job file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (task, model, ...), got {type(data).__name__}")
+    apply_overrides(data, overrides)
+    return config_from_dict(data, job=path.stem)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> None:
+    """Set `a.b=value` in a nested dict; values are parsed as YAML scalars."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{item}: expected an override of the form section.key=value")
+        parts = key.split(".")
+        node = data
+        for p in parts[:-1]:
+            child = node.setdefault(p, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{key}: {p} is not a section")
+            node = child
+        try:
+            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            node[parts[-1]] = raw
+
+
+def config_from_dict(data: dict, job: str = "job") -> Config:
+    from reasonlab.tasks import TASKS
+
+    data = dict(data)
+    data.pop("job", None)
+    unknown = sorted(set(data) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown section; expected one of {list(SECTIONS)}")
+    task = data.get("task")
+    if not isinstance(task, dict) or "name" not in task:
+        raise ConfigError(f"task.name: required; expected one of {sorted(TASKS)}")
+    if task["name"] not in TASKS:
+        raise ConfigError(f"task.name: unknown task {task['name']!r}; expected one of {sorted(TASKS)}")
+    sections = {"task": build_dataclass(TASKS[task["name"]].Params, task, "task")}
+    for name, cls in _SECTION_TYPES.items():
+        sections[name] = build_dataclass(cls, data.get(name) or {}, name)
+    config = Config(**sections, job=job)
+    config.check()
+    return config
+
+
+def build_dataclass(cls: type, values: Any, where: str):
+    """Instantiate `cls` from a mapping, checking keys and types; `where` prefixes error keys."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in hints:
+            raise ConfigError(f"{where}.{key}: unknown key; expected one of {names}")
+        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
+    missing = [f.name for f in dataclasses.fields(cls)
+               if f.name not in kwargs and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{where}.{missing[0]}: required")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0]
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ConfigError(f"{key}: expected one of {list(choices)}, got {value!r}")
+        return value
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {_show(value)}")
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {_show(value)}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {_show(value)}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads 3e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {_show(value)}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {_show(value)}")
+    raise TypeError(f"unsupported config type {hint} for {key}")
+
+
+def _show(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}"
+
+
+def _positive(obj: Any, section: str, *keys: str) -> None:
+    for key in keys:
+        value = getattr(obj, key)
+        if not value > 0:
+            raise ConfigError(f"{section}.{key}: expected a value > 0, got {value}")

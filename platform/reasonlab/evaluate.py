@@ -1,0 +1,88 @@
+"""Greedy decoding, exact match of the answer, and decoding throughput. No Ray here."""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+
+import torch
+
+from reasonlab.tasks import Example
+
+
+@dataclass
+class EvalResult:
+    accuracy: float
+    examples_per_sec: float
+    num_examples: int
+    predictions: list[dict]
+
+    def metrics(self, prefix: str) -> dict[str, float]:
+        return {f"{prefix}/accuracy": self.accuracy, f"{prefix}/examples_per_sec": self.examples_per_sec}
+
+
+@torch.inference_mode()
+def greedy_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
+                  eos_id: int, stop_after: int) -> torch.Tensor:
+    """Greedy continuation of left-padded prompts with the KV cache; row i stops once it has written
+    `stop_after` EOS tokens (explicit-CoT targets hold two) and then emits EOS as padding."""
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True)
+    eos_seen = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+    generated = []
+    for _ in range(max_new_tokens):
+        token = out.logits[:, -1].argmax(-1)
+        token = torch.where(eos_seen >= stop_after, torch.full_like(token, eos_id), token)
+        generated.append(token)
+        eos_seen += token == eos_id
+        if bool((eos_seen >= stop_after).all()):
+            break
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], 1)
+        position_ids = position_ids[:, -1:] + 1
+        out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=position_ids,
+                    past_key_values=out.past_key_values, use_cache=True)
+    return torch.stack(generated, 1)
+
+
+def autocast_context(device: torch.device, precision: str):
+    if device.type == "cuda" and precision in ("auto", "bf16") and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.inference_mode()
+def evaluate(model, tokenizer, method, examples: list[Example], *, batch_size: int, max_new_tokens: int,
+             device: torch.device, precision: str = "auto") -> EvalResult:
+    """Greedy-decode every example's target and compare answers exactly.
+
+    Throughput counts everything from tokenizing the prompts to extracting the answers, as the
+    implicit-CoT repos time it.
+    """
+    was_training = model.training
+    model.eval()
+    eos, eos_id = tokenizer.eos_token, tokenizer.eos_token_id
+    tokenizer.padding_side = "left"
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt))  # less padding per batch
+    outputs: dict[int, str] = {}
+    start = time.perf_counter()
+    for lo in range(0, len(order), batch_size):
+        rows = order[lo: lo + batch_size]
+        enc = tokenizer([method.prompt_text(examples[i], eos) for i in rows], add_special_tokens=False,
+                        padding=True, return_tensors="pt", return_token_type_ids=False).to(device)
+        with autocast_context(device, precision):
+            out = greedy_decode(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=max_new_tokens,
+                                eos_id=eos_id, stop_after=method.eos_in_target)
+        for i, ids in zip(rows, out.tolist()):
+            outputs[i] = tokenizer.decode(ids, skip_special_tokens=False)
+    answers = {i: method.answer(text, eos) for i, text in outputs.items()}
+    elapsed = time.perf_counter() - start
+    model.train(was_training)
+    predictions = []
+    correct = 0
+    for i, example in enumerate(examples):
+        ok = answers[i] == " ".join(example.answer.split())
+        correct += ok
+        predictions.append({"prompt": example.prompt, "answer": example.answer, "predicted": answers[i],
+                            "correct": bool(ok), "generated": outputs[i]})
+    n = len(examples)
+    return EvalResult(correct / max(n, 1), n / elapsed if elapsed > 0 else float("inf"), n, predictions)

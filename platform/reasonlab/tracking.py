@@ -1,0 +1,111 @@
+"""The MLflow run lifecycle: the driver creates (or finds) the run and sets its final status; rank 0
+of the workers logs into it by id.
+
+Defaults need no server: a SQLite store and an artifact folder under $REASONLAB_HOME (~/.reasonlab).
+`tracking.uri` or $MLFLOW_TRACKING_URI switch to a real server. Ray workers do not inherit the
+tracking URI, so it travels with the run id.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from mlflow.entities import Metric, Param, RunStatus
+from mlflow.tracking import MlflowClient
+
+from reasonlab.config import Config, ConfigError
+
+RUN_NAME_TAG = "reasonlab.run_name"
+MAX_PARAM_LENGTH = 6000
+
+
+def home() -> Path:
+    return Path(os.environ.get("REASONLAB_HOME") or Path.home() / ".reasonlab").expanduser().resolve()
+
+
+def tracking_uri(cfg: Config | None = None) -> str:
+    if cfg is not None and cfg.tracking.uri:
+        return cfg.tracking.uri
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home() / 'mlflow.db'}"
+
+
+def storage_path(cfg: Config) -> str:
+    return cfg.tracking.storage_path or str(home() / "ray_results")
+
+
+def _experiment_id(client: MlflowClient, name: str, uri: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None
+    if uri.startswith("sqlite:///") and "MLFLOW_TRACKING_URI" not in os.environ:
+        # without a server, artifacts would land in ./mlruns of whichever process created the experiment
+        location = (home() / "mlartifacts").as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+class DriverRun:
+    """The MLflow run of one training run, owned by the driver."""
+
+    def __init__(self, cfg: Config, run_name: str, parent_run_id: str | None = None) -> None:
+        self.uri = tracking_uri(cfg)
+        if self.uri.startswith("sqlite:///"):
+            Path(self.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        self.client = MlflowClient(self.uri)
+        self.experiment_id = _experiment_id(self.client, cfg.tracking.experiment, self.uri)
+        self.run_name = run_name
+        existing = self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1
+        )
+        self.resumed = bool(existing)
+        if existing:
+            run = existing[0]
+            if run.info.status == "FINISHED":
+                raise ConfigError(f"tracking.run_name: run {run_name!r} already finished "
+                                  f"(MLflow run {run.info.run_id}); choose another name")
+            self.run_id = run.info.run_id
+            self.client.update_run(self.run_id, status="RUNNING")
+        else:
+            tags = {RUN_NAME_TAG: run_name, "reasonlab.job": cfg.job}
+            if parent_run_id:
+                tags["mlflow.parentRunId"] = parent_run_id
+            self.run_id = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags).info.run_id
+            self.log_params(cfg.flat())
+            self.client.log_text(self.run_id, cfg.to_yaml(), "config.yaml")
+
+    def log_params(self, params: dict) -> None:
+        items = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i: i + 100])
+
+    def log_artifacts(self, local_dir: str, artifact_path: str | None = None) -> None:
+        self.client.log_artifacts(self.run_id, local_dir, artifact_path)
+
+    def end(self, status: str) -> None:
+        self.client.set_terminated(self.run_id, RunStatus.to_string(RunStatus.from_string(status)))
+
+    @property
+    def ui_url(self) -> str:
+        return f"#/experiments/{self.experiment_id}/runs/{self.run_id}"
+
+
+class RunLogger:
+    """What rank 0 uses inside a Ray worker: metrics and artifacts into an existing run."""
+
+    def __init__(self, uri: str, run_id: str) -> None:
+        self.client = MlflowClient(uri)
+        self.run_id = run_id
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def log_params(self, params: dict) -> None:
+        self.client.log_batch(self.run_id, params=[Param(k, str(v)) for k, v in params.items()])
+
+    def log_artifacts(self, local_dir: str, artifact_path: str | None = None) -> None:
+        self.client.log_artifacts(self.run_id, local_dir, artifact_path)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)

@@ -1,0 +1,311 @@
+"""The per-worker training loop and the TorchTrainer around it (Ray Train V2)."""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from reasonlab.config import Config, config_from_dict
+from reasonlab.evaluate import autocast_context, evaluate
+from reasonlab.methods import make_method, sequence_length, target_length
+from reasonlab.models import build_causal_lm, count_parameters
+from reasonlab.tasks import make_task
+from reasonlab.tokenizer import build_tokenizer, load_tokenizer, tokenizer_files, tokenizer_from_files
+
+CHECKPOINT_FILE = "state.pt"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Worker side
+
+
+def lr_factor(step: int, cfg) -> float:
+    """Linear warmup, then cosine decay to min_lr_ratio at max_steps (or constant)."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
+    """AdamW; no weight decay on biases, norms and other 1-d parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                             fused=torch.cuda.is_available())
+
+
+def train_loop_per_worker(spec: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    from reasonlab.tracking import RunLogger
+
+    cfg = config_from_dict(spec["config"], job=spec["job"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(spec["threads"])
+    torch.manual_seed(cfg.train.seed)
+    device = ray.train.torch.get_device()
+    tokenizer = tokenizer_from_files(spec["tokenizer"])
+    task, method = make_task(cfg.task), make_method(cfg.method)
+    model = build_causal_lm(cfg.model, len(tokenizer), spec["max_len"], tokenizer.eos_token_id, device)
+    optimizer = make_optimizer(model, cfg.train)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.train))
+
+    step = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        step = state["step"]
+    model = ray.train.torch.prepare_model(model)  # DDP across workers, moved to the device
+    raw_model = getattr(model, "module", model)
+
+    logger = RunLogger(spec["tracking_uri"], spec["run_id"]) if rank == 0 else None
+    say = print if rank == 0 else (lambda *a, **k: None)
+    if step:
+        say(f"resumed from the checkpoint at step {step}: training on from example {step * cfg.train.batch_size}")
+    if rank == 0 and not step:
+        n_params = count_parameters(raw_model)
+        logger.log_params({"model.n_params": n_params})
+        say(f"model: {cfg.model.arch}, {n_params / 1e6:.2f}M parameters, sequence length {spec['seq_len']}")
+    eval_set = task.heldout("valid")[: cfg.eval.num_examples]
+
+    micro = cfg.micro_batch_size
+    batches = iter(ray.train.get_dataset_shard("train").iter_torch_batches(
+        batch_size=micro, dtypes=torch.long, prefetch_batches=4, drop_last=True))
+    cast = autocast_context(device, cfg.train.precision)
+    model.train()
+    window_start, window_tokens, loss_sum, loss_count = time.perf_counter(), 0, 0.0, 0
+    started = time.perf_counter()
+    first_step = step
+    while step < cfg.train.max_steps:
+        for i in range(cfg.train.grad_accum):
+            batch = next(batches)
+            if step == first_step and i == 0 and int(batch["index"].min()) < step * cfg.train.batch_size:
+                raise RuntimeError(f"the data stream starts before step {step}'s examples; it would repeat them")
+            last = i == cfg.train.grad_accum - 1
+            sync = contextlib.nullcontext() if (last or world == 1) else model.no_sync()
+            with sync, cast:
+                loss = method.loss(model, batch)
+            (loss / cfg.train.grad_accum).backward()
+            loss_sum += loss.item()
+            loss_count += 1
+            window_tokens += int(batch["attention_mask"].sum())
+        if cfg.train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+            elapsed = time.perf_counter() - window_start
+            tokens = _all_reduce_sum(window_tokens, device, world)
+            metrics = {"train/loss": loss_sum / loss_count, "train/lr": scheduler.get_last_lr()[0],
+                       "train/tokens_per_sec": tokens / elapsed}
+            if rank == 0:
+                logger.log_metrics(metrics, step)
+                rate = (step - first_step) / (time.perf_counter() - started)
+                say(f"step {step}/{cfg.train.max_steps}  loss {metrics['train/loss']:.4f}  "
+                    f"lr {metrics['train/lr']:.2e}  {metrics['train/tokens_per_sec'] / 1e3:.1f}k tok/s  "
+                    f"eta {_duration((cfg.train.max_steps - step) / rate)}", flush=True)
+            window_start, window_tokens, loss_sum, loss_count = time.perf_counter(), 0, 0.0, 0
+
+        if step % cfg.train.eval_every == 0 or step == cfg.train.max_steps:
+            metrics = {"step": step}
+            with tempfile.TemporaryDirectory() as d:
+                ckpt = None
+                if rank == 0:
+                    result = evaluate(raw_model, tokenizer, method, eval_set, batch_size=cfg.eval.batch_size,
+                                      max_new_tokens=spec["max_new_tokens"], device=device,
+                                      precision=cfg.train.precision)
+                    metrics.update(result.metrics("eval"))
+                    logger.log_metrics(result.metrics("eval"), step)
+                    say(f"eval at step {step}: accuracy {result.accuracy:.4f} on {result.num_examples} held-out "
+                        f"examples, {result.examples_per_sec:.1f} examples/s", flush=True)
+                    torch.save({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                                "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
+                                "step": step}, Path(d) / CHECKPOINT_FILE)
+                    ckpt = ray.train.Checkpoint.from_directory(d)
+                ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=checkpoint_dir_name(step))
+            window_start = time.perf_counter()  # evaluation time is not training throughput
+
+    if rank == 0:
+        finish_run(raw_model, tokenizer, method, task, cfg, spec, device, logger)
+
+
+def finish_run(model, tokenizer, method, task, cfg: Config, spec: dict, device, logger) -> None:
+    """Final test-set evaluation and the run's artifacts: model, tokenizer, predictions."""
+    test_set = task.heldout("test")[: cfg.eval.test_examples]
+    result = evaluate(model, tokenizer, method, test_set, batch_size=cfg.eval.batch_size,
+                      max_new_tokens=spec["max_new_tokens"], device=device, precision=cfg.train.precision)
+    logger.log_metrics(result.metrics("test"), cfg.train.max_steps)
+    print(f"test: accuracy {result.accuracy:.4f} on {result.num_examples} held-out examples, "
+          f"{result.examples_per_sec:.1f} examples/s (batch size {cfg.eval.batch_size})", flush=True)
+    with tempfile.TemporaryDirectory() as d:
+        model.save_pretrained(d)
+        tokenizer.save_pretrained(d)
+        logger.log_artifacts(d, "model")
+    lines = [json.dumps(p) for p in result.predictions[: cfg.eval.log_predictions]]
+    logger.log_text("\n".join(lines) + "\n", "predictions.jsonl")
+
+
+def _all_reduce_sum(value: int, device, world: int) -> int:
+    if world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return int(t.item())
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def checkpoint_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Driver side
+
+
+@dataclass
+class TrainOutcome:
+    run_id: str
+    run_name: str
+    tracking_uri: str
+    ui_path: str
+
+
+def prepare_run(cfg: Config) -> dict:
+    """Everything the workers need that the driver computes once: tokenizer, lengths."""
+    task, method = make_task(cfg.task), make_method(cfg.method)
+    if cfg.model.pretrained and _has_tokenizer(cfg.model.pretrained):
+        tokenizer = load_tokenizer(cfg.model.pretrained)
+    else:
+        tokenizer = build_tokenizer(task)
+    seq_len = sequence_length(task, method, tokenizer)
+    max_len = cfg.model.max_len or seq_len
+    seq_len = min(seq_len, max_len)
+    max_new_tokens = cfg.eval.max_new_tokens or target_length(task, method, tokenizer) + 8
+    return {"config": cfg.to_dict(), "job": cfg.job, "tokenizer": tokenizer_files(tokenizer),
+            "seq_len": seq_len, "max_len": max_len, "max_new_tokens": max_new_tokens}
+
+
+def _has_tokenizer(path: str) -> bool:
+    try:
+        load_tokenizer(path)
+        return True
+    except Exception:
+        return False
+
+
+def latest_checkpoint_step(storage: str, run_name: str) -> int:
+    """Step of the newest complete checkpoint of a run in Ray's storage (0 if none)."""
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(storage) if "://" in storage else (pafs.LocalFileSystem(), storage)
+    infos = fs.get_file_info(pafs.FileSelector(f"{root}/{run_name}", allow_not_found=True))
+    steps = sorted((int(i.base_name[5:]) for i in infos
+                    if i.type == pafs.FileType.Directory and i.base_name.startswith("step_")), reverse=True)
+    for step in steps:
+        if fs.get_file_info(f"{root}/{run_name}/{checkpoint_dir_name(step)}/{CHECKPOINT_FILE}").type \
+                == pafs.FileType.File:
+            return step
+    return 0
+
+
+def worker_resources(cfg: Config, available_cpus: float) -> dict:
+    """Per-worker resources. On CPU, workers leave Ray Data at least one CPU, or it starves
+    (ray_and_mlflow.md §2.3)."""
+    n = cfg.scaling.num_workers
+    if cfg.scaling.cpus_per_worker is not None:
+        cpus = cfg.scaling.cpus_per_worker
+    elif cfg.scaling.use_gpu:
+        cpus = 1.0
+    else:
+        cpus = max(0.1, min(1.0, (available_cpus - 1) / n))
+    resources = {"CPU": cpus}
+    if cfg.scaling.use_gpu:
+        resources["GPU"] = cfg.scaling.gpus_per_worker
+    return resources
+
+
+def run_training(cfg: Config, parent_run_id: str | None = None, out=sys.stdout) -> TrainOutcome:
+    """Train one job on Ray, tracked as one MLflow run. Resumes a run of the same name."""
+    import ray
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from reasonlab.data import train_dataset
+    from reasonlab.tracking import DriverRun, storage_path
+
+    run_name = cfg.tracking.run_name or f"{cfg.job}-{time.strftime('%Y%m%d-%H%M%S')}"
+    spec = prepare_run(cfg)
+    run = DriverRun(cfg, run_name, parent_run_id=parent_run_id)
+    storage = storage_path(cfg)
+    print(f"{'resuming' if run.resumed else 'starting'} run {run_name} (MLflow run {run.run_id}); "
+          f"restart with tracking.run_name={run_name} to resume it", file=out, flush=True)
+    if not run.resumed:
+        with tempfile.TemporaryDirectory() as d:
+            tokenizer_from_files(spec["tokenizer"]).save_pretrained(d)
+            run.log_artifacts(d, "tokenizer")
+
+    status = "FAILED"
+    try:
+        if not ray.is_initialized():
+            ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level="WARNING",
+                     log_to_driver=True, configure_logging=True)
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        ctx.execution_options.preserve_order = True  # the same examples in the same order on a rerun
+        resources = worker_resources(cfg, ray.available_resources().get("CPU", 1.0))
+        threads = cfg.scaling.torch_threads or max(1, (os.cpu_count() or 1) // cfg.scaling.num_workers)
+        spec.update(run_id=run.run_id, tracking_uri=run.uri, threads=threads)
+        total = cfg.train.max_steps * cfg.train.batch_size
+
+        def dataset():  # called at every worker-group (re)start: continue from the newest checkpoint
+            start = latest_checkpoint_step(storage, run_name) * cfg.train.batch_size
+            return train_dataset(spec, start, max(total, start + 1))
+
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config=spec,
+            scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers,
+                                                   use_gpu=cfg.scaling.use_gpu, resources_per_worker=resources),
+            run_config=ray.train.RunConfig(
+                name=run_name, storage_path=storage,
+                failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            ),
+            datasets={"train": dataset},
+            dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        )
+        trainer.fit()
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        run.end(status)
+    return TrainOutcome(run.run_id, run_name, run.uri, run.ui_url)

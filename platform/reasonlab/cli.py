@@ -19,9 +19,13 @@ def cmd_train(args) -> int:
     from reasonlab.config import load_config
 
     cfg = load_config(args.job, args.overrides)
-    from reasonlab.train import run_training  # imports Ray; only after the job is known to be valid
+    from reasonlab.train import TrainingFailed, run_training  # Ray is imported only for a valid job
 
-    outcome = run_training(cfg)
+    try:
+        outcome = run_training(cfg)
+    except TrainingFailed as e:
+        print(f"reasonlab: {e}", file=sys.stderr)
+        return 1
     print(f"\nfinished run {outcome.run_name}: MLflow run id {outcome.run_id}\n"
           f"  tracking store: {outcome.tracking_uri}\n"
           f"  look at it with: reasonlab ui   (then open {outcome.ui_path})")
@@ -85,7 +89,14 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args, extra = p.parse_known_args(argv)
+    # KEY=VALUE words may come before or after options (`data sample TASK -n 3 a_digits=5`)
+    listed = getattr(args, "overrides", getattr(args, "fields", None))
+    if extra and listed is not None and all("=" in w and not w.startswith("-") for w in extra):
+        listed.extend(extra)
+    elif extra:
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except ConfigError as e:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from reasonlab.config import Config, config_from_dict
+from reasonlab.config import Config, ConfigError, config_from_dict
 from reasonlab.evaluate import autocast_context, evaluate
 from reasonlab.methods import make_method, sequence_length, target_length
 from reasonlab.models import build_causal_lm, count_parameters
@@ -79,8 +79,6 @@ def train_loop_per_worker(spec: dict) -> None:
 
     logger = RunLogger(spec["tracking_uri"], spec["run_id"]) if rank == 0 else None
     say = print if rank == 0 else (lambda *a, **k: None)
-    if step:
-        say(f"resumed from the checkpoint at step {step}: training on from example {step * cfg.train.batch_size}")
     if rank == 0 and not step:
         n_params = count_parameters(raw_model)
         logger.log_params({"model.n_params": n_params})
@@ -98,8 +96,13 @@ def train_loop_per_worker(spec: dict) -> None:
     while step < cfg.train.max_steps:
         for i in range(cfg.train.grad_accum):
             batch = next(batches)
-            if step == first_step and i == 0 and int(batch["index"].min()) < step * cfg.train.batch_size:
-                raise RuntimeError(f"the data stream starts before step {step}'s examples; it would repeat them")
+            if step == first_step and i == 0:
+                first_index = int(batch["index"].min())
+                if first_index < step * cfg.train.batch_size:
+                    raise RuntimeError(f"the data stream starts at example {first_index}, before step {step}'s "
+                                       f"examples; it would train on them twice")
+                if step:
+                    say(f"resumed from the checkpoint at step {step}; first example index {first_index}", flush=True)
             last = i == cfg.train.grad_accum - 1
             sync = contextlib.nullcontext() if (last or world == 1) else model.no_sync()
             with sync, cast:
@@ -188,6 +191,10 @@ def checkpoint_dir_name(step: int) -> str:
 # Driver side
 
 
+class TrainingFailed(RuntimeError):
+    """Training started but did not finish; its MLflow run is marked FAILED."""
+
+
 @dataclass
 class TrainOutcome:
     run_id: str
@@ -204,9 +211,14 @@ def prepare_run(cfg: Config) -> dict:
     else:
         tokenizer = build_tokenizer(task)
     seq_len = sequence_length(task, method, tokenizer)
-    max_len = cfg.model.max_len or seq_len
-    seq_len = min(seq_len, max_len)
     max_new_tokens = cfg.eval.max_new_tokens or target_length(task, method, tokenizer) + 8
+    heldout = [e for split in ("valid", "test") for e in task.heldout(split)]
+    prompts = tokenizer([method.prompt_text(e, tokenizer.eos_token) for e in heldout], add_special_tokens=False)
+    needed = max(seq_len, max(map(len, prompts["input_ids"])) + max_new_tokens)
+    max_len = cfg.model.max_len or needed
+    if max_len < needed:
+        raise ConfigError(f"model.max_len: {max_len} positions cannot hold the task's sequences and decoded "
+                          f"targets; expected at least {needed}")
     return {"config": cfg.to_dict(), "job": cfg.job, "tokenizer": tokenizer_files(tokenizer),
             "seq_len": seq_len, "max_len": max_len, "max_new_tokens": max_new_tokens}
 
@@ -306,6 +318,9 @@ def run_training(cfg: Config, parent_run_id: str | None = None, out=sys.stdout) 
     except KeyboardInterrupt:
         status = "KILLED"
         raise
+    except Exception as e:
+        raise TrainingFailed(f"run {run_name} failed (MLflow run {run.run_id} marked FAILED): "
+                             f"{type(e).__name__}: {e}") from e
     finally:
         run.end(status)
     return TrainOutcome(run.run_id, run_name, run.uri, run.ui_url)

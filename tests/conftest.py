@@ -1,0 +1,76 @@
+"""One local Ray instance (token authentication on) and one throwaway reasonlab home per test session."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+ICOT = SHARED / "data" / "icot"
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def reasonlab_home(tmp_path_factory):
+    """Runs and checkpoints of the whole session go to a temporary home, never ~/.reasonlab."""
+    home = tmp_path_factory.mktemp("reasonlab_home")
+    saved = {k: os.environ.get(k) for k in ("REASONLAB_HOME", "MLFLOW_TRACKING_URI")}
+    os.environ["REASONLAB_HOME"] = str(home)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    yield home
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def ray_head(reasonlab_home):
+    """`ray start --head` on loopback, as a user would run it; drivers reach it through RAY_ADDRESS."""
+    ray = str(BIN / "ray")
+    env = dict(os.environ, RAY_AUTH_MODE="token", PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    subprocess.run([ray, "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
+    port, dashboard = _free_port(), _free_port()
+    subprocess.run(
+        [ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+         "--disable-usage-stats"],
+        env=env, check=True, capture_output=True, timeout=180,
+    )
+    info = {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard}", "env": env}
+    os.environ.update(RAY_ADDRESS=info["address"], RAY_AUTH_MODE="token")
+    _wait_for_dashboard(dashboard)
+    yield info
+    os.environ.pop("RAY_ADDRESS", None)
+    subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def _wait_for_dashboard(port: int, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.5)
+    raise RuntimeError("the Ray dashboard did not come up")
+
+
+def reasonlab(*args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the installed `reasonlab` console script."""
+    exe = shutil.which("reasonlab", path=str(BIN)) or "reasonlab"
+    return subprocess.run([exe, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                          env=env or dict(os.environ))

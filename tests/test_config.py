@@ -1,0 +1,113 @@
+"""Job files and overrides: typed, validated, one clear line and exit status 2 on bad input."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from reasonlab.config import ConfigError, load_config
+
+QUICKSTART = REPO / "jobs" / "quickstart.yaml"
+
+
+def test_quickstart_loads_and_overrides_apply():
+    cfg = load_config(QUICKSTART, ["train.lr=3e-4", "model.n_layer=2", "task.a_digits=5", "scaling.use_gpu=true"])
+    assert cfg.train.lr == 3e-4 and isinstance(cfg.train.lr, float)
+    assert cfg.model.n_layer == 2 and cfg.task.a_digits == 5 and cfg.scaling.use_gpu is True
+    assert cfg.job == "quickstart"
+    flat = cfg.flat()
+    assert flat["train.lr"] == 3e-4 and flat["task.name"] == "multiplication"
+    assert set(k.split(".")[0] for k in flat) == {"task", "model", "method", "train", "eval", "tracking", "scaling"}
+
+
+def test_resolved_config_round_trips_through_yaml(tmp_path):
+    cfg = load_config(QUICKSTART, ["train.max_steps=7"])
+    path = tmp_path / "resolved.yaml"
+    path.write_text(cfg.to_yaml())
+    assert load_config(path).to_dict() == {**cfg.to_dict(), "job": "resolved"}
+
+
+@pytest.mark.parametrize("override, message", [
+    (["train.lrr=1"], "train.lrr: unknown key"),
+    (["model.n_layer=two"], "model.n_layer: expected an integer, got str 'two'"),
+    (["model.n_layer=2.5"], "model.n_layer: expected an integer"),
+    (["train.lr=0"], "train.lr: expected a value > 0, got 0.0"),
+    (["train.lr=-1e-3"], "train.lr: expected a value > 0"),
+    (["train.max_steps=0"], "train.max_steps: expected a value > 0, got 0"),
+    (["model.arch=bert"], "model.arch: expected one of ['gpt2', 'llama'], got 'bert'"),
+    (["method.name=magic"], "method.name: unknown method 'magic'"),
+    (["task.name=sorting"], "task.name: unknown task 'sorting'"),
+    (["optimizer.lr=1"], "optimizer: unknown section"),
+    (["scaling.use_gpu=yes please"], "scaling.use_gpu: expected true or false"),
+    (["train.batch_size=63", "scaling.num_workers=2"], "train.batch_size: 63 is not divisible"),
+    (["model.d_model=130"], "model.d_model: 130 is not divisible by model.n_head=4"),
+    (["train.lr"], "train.lr: expected an override of the form section.key=value"),
+    (["task.a_digits=0"], "task.a_digits: expected 1 to 18 digits"),
+    (["task.valid_path=/nonexistent.txt"], "task.valid_path: file not found"),
+])
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(QUICKSTART, override)
+    assert message in str(e.value)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="job file not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("task: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML at line"):
+        load_config(bad)
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="expected a mapping of sections"):
+        load_config(bad)
+    bad.write_text("model: {n_layer: 2}\n")
+    with pytest.raises(ConfigError, match="task.name: required"):
+        load_config(bad)
+    bad.write_text("task: {name: gsm8k}\n")
+    with pytest.raises(ConfigError, match="task.train_path: required"):
+        load_config(bad)
+
+
+def _cli(*args):
+    """The CLI in a fresh interpreter; also reports whether Ray got imported."""
+    code = ("import sys; from reasonlab.cli import main; rc = main(sys.argv[1:]); "
+            "print('RAY_IMPORTED' if 'ray' in sys.modules else 'NO_RAY'); sys.exit(rc)")
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=REPO,
+                          timeout=120)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "jobs/quickstart.yaml", "train.lr=-1"], "train.lr: expected a value > 0"),
+    (["train", "jobs/quickstart.yaml", "model.n_layers=4"], "model.n_layers: unknown key"),
+    (["train", "jobs/quickstart.yaml", "train.max_steps=ten"], "train.max_steps: expected an integer"),
+    (["train", "jobs/does_not_exist.yaml"], "jobs/does_not_exist.yaml: job file not found"),
+    (["data", "sample", "multiplication", "a_digits=x"], "task.a_digits: expected an integer"),
+    (["data", "sample", "nonsense"], "nonsense: unknown task"),
+])
+def test_cli_rejects_bad_input_with_one_line_and_status_2(args, message):
+    result = _cli(*args)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [f"reasonlab: error: {result.stderr.split('error: ', 1)[1].strip()}"]
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "NO_RAY" in result.stdout  # nothing started
+
+
+def test_data_sample_prints_icot_lines():
+    result = _cli("data", "sample", "multiplication", "-n", "5", "--seed", "3", "a_digits=4", "b_digits=4")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()[:-1]
+    assert len(lines) == 5
+    from reasonlab.tasks.multiplication import multiplication_example, operands
+    for line in lines:
+        a, b = operands(line.split("||")[0])
+        assert multiplication_example(a, b, 4, 4).line() == line
+    again = _cli("data", "sample", "multiplication", "-n", "5", "--seed", "4", "a_digits=4", "b_digits=4")
+    assert again.stdout.splitlines()[:-1] != lines
+    test_split = _cli("data", "sample", "multiplication", "-n", "2", "--split", "test",
+                      f"test_path={REPO.parent / 'shared/data/icot/4_by_4_mult/test.txt'}")
+    assert test_split.stdout.splitlines()[:-1] == (
+        (REPO.parent / "shared/data/icot/4_by_4_mult/test.txt").read_text().splitlines()[:2])

@@ -1,0 +1,149 @@
+"""End to end on the session's local Ray instance: train, track, resume after a kill, ray job submit."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import BIN, REPO, reasonlab
+
+pytestmark = pytest.mark.ray
+
+TINY = ["task.a_digits=2", "task.b_digits=2", "model.n_layer=1", "model.d_model=32", "model.n_head=2",
+        "train.batch_size=16", "train.warmup_steps=2", "train.log_every=5", "eval.num_examples=20",
+        "eval.test_examples=20", "eval.batch_size=20"]
+
+
+def _client(home: Path) -> MlflowClient:
+    return MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+
+
+def _run(home: Path, name: str):
+    runs = _client(home).search_runs(
+        [e.experiment_id for e in _client(home).search_experiments()],
+        filter_string=f"tags.`reasonlab.run_name` = '{name}'")
+    assert len(runs) == 1, f"expected one MLflow run named {name}, found {len(runs)}"
+    return runs[0]
+
+
+def _artifacts(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
+    out = set()
+    for f in client.list_artifacts(run_id, path):
+        out |= _artifacts(client, run_id, f.path) if f.is_dir else {f.path}
+    return out
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_training_run_is_tracked_end_to_end(ray_head, reasonlab_home, workers, tmp_path):
+    name = f"e2e-{workers}"
+    result = reasonlab("train", "jobs/quickstart.yaml", *TINY, "train.max_steps=20", "train.eval_every=10",
+                       f"scaling.num_workers={workers}", f"tracking.run_name={name}")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = result.stdout + result.stderr
+    assert "step 20/20" in out and "eval at step 10" in out and "test: accuracy" in out
+    run = _run(reasonlab_home, name)
+    assert f"MLflow run id {run.info.run_id}" in result.stdout
+    assert run.info.status == "FINISHED"
+
+    params = run.data.params
+    assert params["task.name"] == "multiplication" and params["train.max_steps"] == "20"
+    assert params["scaling.num_workers"] == str(workers) and int(params["model.n_params"]) > 0
+    client = _client(reasonlab_home)
+    steps = {k: [m.step for m in client.get_metric_history(run.info.run_id, k)]
+             for k in ("train/loss", "train/lr", "train/tokens_per_sec", "eval/accuracy", "eval/examples_per_sec")}
+    assert steps["train/loss"] == [5, 10, 15, 20] and steps["train/tokens_per_sec"] == [5, 10, 15, 20]
+    assert steps["eval/accuracy"] == [10, 20] and steps["eval/examples_per_sec"] == [10, 20]
+    assert 0 <= run.data.metrics["test/accuracy"] <= 1
+
+    files = _artifacts(client, run.info.run_id)
+    assert {"config.yaml", "predictions.jsonl", "tokenizer/tokenizer.json", "model/config.json",
+            "model/model.safetensors", "model/tokenizer.json"} <= files
+    local = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path)))
+    import yaml
+    assert yaml.safe_load((local / "config.yaml").read_text())["scaling"]["num_workers"] == workers
+    predictions = [json.loads(line) for line in (local / "predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == 20 and {"prompt", "answer", "predicted", "correct"} <= set(predictions[0])
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(local / "model")
+    tokenizer = AutoTokenizer.from_pretrained(local / "tokenizer")
+    assert model.config.n_layer == 1 and model.config.vocab_size == len(tokenizer)
+
+
+def test_killed_run_resumes_from_its_last_checkpoint(ray_head, reasonlab_home):
+    name = "killed"
+    args = [*TINY, "train.max_steps=300", "train.eval_every=20", f"tracking.run_name={name}"]
+    proc = subprocess.Popen([str(BIN / "reasonlab"), "train", "jobs/quickstart.yaml", *args], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    run_dir = reasonlab_home / "ray_results" / name
+    deadline = time.time() + 300
+    try:
+        while not list(run_dir.glob("step_*/state.pt")):
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            assert time.time() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.5)
+        time.sleep(1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    killed = _run(reasonlab_home, name)
+    assert killed.info.status == "RUNNING"  # nobody could close it: the driver was killed
+    saved = sorted(int(p.parent.name[5:]) for p in run_dir.glob("step_*/state.pt"))
+    assert saved and saved[-1] < 300
+
+    result = reasonlab("train", "jobs/quickstart.yaml", *args)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-3000:]
+    assert f"resuming run {name}" in out
+    resumed_at = int(out.split("resumed from the checkpoint at step ")[1].split(";")[0])
+    first_index = int(out.split("first example index ")[1].split()[0])
+    assert resumed_at in saved
+    assert first_index == resumed_at * 16  # the data stream continues where the checkpoint left it
+    run = _run(reasonlab_home, name)
+    assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
+    loss_steps = [m.step for m in _client(reasonlab_home).get_metric_history(run.info.run_id, "train/loss")]
+    assert max(loss_steps) == 300 and any(s > resumed_at for s in loss_steps)
+    assert f"step {resumed_at + 5}/300" in out and f"step {resumed_at}/300" not in out  # no step done twice
+
+
+def test_finished_run_name_is_not_reused(ray_head, reasonlab_home):
+    name = "e2e-1"  # finished by test_training_run_is_tracked_end_to_end
+    if _run(reasonlab_home, name).info.status != "FINISHED":
+        pytest.skip("needs the finished run of the end-to-end test")
+    result = reasonlab("train", "jobs/quickstart.yaml", *TINY, f"tracking.run_name={name}")
+    assert result.returncode == 2 and "already finished" in result.stderr
+
+
+def test_failed_run_is_closed_as_failed(ray_head, reasonlab_home, tmp_path):
+    broken = tmp_path / "broken_model"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "gpt2", "n_layer": "not a number"}')
+    name = "fails"
+    result = reasonlab("train", "jobs/quickstart.yaml", *TINY, "train.max_steps=5", f"model.pretrained={broken}",
+                       f"tracking.run_name={name}")
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    assert f"run {name} failed" in result.stderr and "marked FAILED" in result.stderr
+    assert _run(reasonlab_home, name).info.status == "FAILED"
+
+
+def test_ray_job_submit_reaches_succeeded(ray_head, reasonlab_home):
+    name = "submitted"
+    env_vars = json.dumps({"env_vars": {"REASONLAB_HOME": str(reasonlab_home)}})
+    result = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", ray_head["dashboard"], "--working-dir", ".",
+         "--runtime-env-json", env_vars, "--", "reasonlab", "train", "jobs/quickstart.yaml", *TINY,
+         "train.max_steps=10", "train.eval_every=10", f"tracking.run_name={name}"],
+        cwd=REPO, env=ray_head["env"], capture_output=True, text=True, timeout=600)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-3000:]
+    assert "succeeded" in out.lower()
+    job_id = out.split("Job '")[1].split("'")[0]
+    status = subprocess.run([str(BIN / "ray"), "job", "status", "--address", ray_head["dashboard"], job_id],
+                            env=ray_head["env"], capture_output=True, text=True, timeout=60)
+    assert "SUCCEEDED" in status.stdout + status.stderr
+    assert _run(reasonlab_home, name).info.status == "FINISHED"

@@ -52,6 +52,9 @@ def train_loop_per_worker(spec: dict) -> None:
 
     from reasonlab.tracking import RunLogger
 
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
     cfg = config_from_dict(spec["config"], job=spec["job"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -232,18 +235,24 @@ def _has_tokenizer(path: str) -> bool:
 
 
 def latest_checkpoint_step(storage: str, run_name: str) -> int:
-    """Step of the newest complete checkpoint of a run in Ray's storage (0 if none)."""
+    """Step of the checkpoint Ray Train will restore for this run (0 if none).
+
+    Read from Ray's own checkpoint record, the file `get_checkpoint()` restores from after a restart:
+    a checkpoint folder can be uploaded before Ray registers it, so the newest folder on disk may not be
+    the one the workers get. (A private file of Ray 2.60; the resume test fails if it changes.)
+    """
     import pyarrow.fs as pafs
 
     fs, root = pafs.FileSystem.from_uri(storage) if "://" in storage else (pafs.LocalFileSystem(), storage)
-    infos = fs.get_file_info(pafs.FileSelector(f"{root}/{run_name}", allow_not_found=True))
-    steps = sorted((int(i.base_name[5:]) for i in infos
-                    if i.type == pafs.FileType.Directory and i.base_name.startswith("step_")), reverse=True)
-    for step in steps:
-        if fs.get_file_info(f"{root}/{run_name}/{checkpoint_dir_name(step)}/{CHECKPOINT_FILE}").type \
-                == pafs.FileType.File:
-            return step
-    return 0
+    path = f"{root}/{run_name}/checkpoint_manager_snapshot.json"
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return 0
+    with fs.open_input_stream(path) as f:
+        latest = json.loads(f.read()).get("latest_checkpoint_result") or {}
+    name = latest.get("checkpoint_dir_name") or ""
+    if not name.startswith("step_"):
+        raise RuntimeError(f"{path}: cannot tell which checkpoint Ray Train will restore")
+    return int(name.removeprefix("step_"))
 
 
 def worker_resources(cfg: Config, available_cpus: float) -> dict:
@@ -260,6 +269,16 @@ def worker_resources(cfg: Config, available_cpus: float) -> dict:
     if cfg.scaling.use_gpu:
         resources["GPU"] = cfg.scaling.gpus_per_worker
     return resources
+
+
+def quiet_data_context() -> None:
+    """Ray Data settings of this process: our step lines are the progress display, and a rerun must
+    see the examples in the same order."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.execution_options.preserve_order = True
 
 
 def run_training(cfg: Config, parent_run_id: str | None = None, out=sys.stdout) -> TrainOutcome:
@@ -283,21 +302,22 @@ def run_training(cfg: Config, parent_run_id: str | None = None, out=sys.stdout) 
             tokenizer_from_files(spec["tokenizer"]).save_pretrained(d)
             run.log_artifacts(d, "tokenizer")
 
+    # Train V2 sends worker prints both to stdout and to its logger, so each line showed twice
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     status = "FAILED"
     try:
         if not ray.is_initialized():
             ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level="WARNING",
                      log_to_driver=True, configure_logging=True)
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False
-        ctx.execution_options.preserve_order = True  # the same examples in the same order on a rerun
+        quiet_data_context()
         resources = worker_resources(cfg, ray.available_resources().get("CPU", 1.0))
         threads = cfg.scaling.torch_threads or max(1, (os.cpu_count() or 1) // cfg.scaling.num_workers)
         spec.update(run_id=run.run_id, tracking_uri=run.uri, threads=threads)
         total = cfg.train.max_steps * cfg.train.batch_size
 
-        def dataset():  # called at every worker-group (re)start: continue from the newest checkpoint
-            start = latest_checkpoint_step(storage, run_name) * cfg.train.batch_size
+        def dataset():  # runs on the controller at every worker-group (re)start
+            quiet_data_context()
+            start = latest_checkpoint_step(storage, run_name) * cfg.train.batch_size  # resume the stream
             return train_dataset(spec, start, max(total, start + 1))
 
         trainer = TorchTrainer(

@@ -16,6 +16,9 @@ SHARED = REPO.parent / "shared"
 ICOT = SHARED / "data" / "icot"
 BIN = Path(sys.executable).parent
 
+# The session's Ray head has token authentication on; Ray reads the mode once, so set it before any import
+os.environ["RAY_AUTH_MODE"] = "token"
+
 
 def _free_port() -> int:
     with socket.socket() as s:

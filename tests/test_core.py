@@ -124,8 +124,8 @@ def test_a_small_model_learns_two_digit_multiplication_with_cot(mult):
     """The whole core path: generated data → masked loss → AdamW → greedy decoding → exact match."""
     cfg, task, tok = mult
     torch.manual_seed(0)
-    cfg = _cfg(model={"n_layer": 2, "d_model": 64, "n_head": 4},
-               train={"lr": 3e-3, "max_steps": 700, "warmup_steps": 30, "weight_decay": 0.0})
+    cfg = _cfg(model={"n_layer": 4, "d_model": 64, "n_head": 4},
+               train={"lr": 3e-3, "max_steps": 1000, "warmup_steps": 30})
     method = make_method(cfg.method)
     seq_len = sequence_length(task, method, tok)
     model = build_causal_lm(cfg.model, len(tok), seq_len, tok.eos_token_id, CPU)
@@ -136,6 +136,7 @@ def test_a_small_model_learns_two_digit_multiplication_with_cot(mult):
                                                                    seq_len).items()}
         loss = method.loss(model, batch)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         opt.step()
         sched.step()
         opt.zero_grad()

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import BIN, REPO, reasonlab
+from conftest import BIN, REPO, _free_port, reasonlab
 from reasonlab.train import latest_checkpoint_step
 
 pytestmark = pytest.mark.ray
@@ -21,13 +21,14 @@ TINY = ["task.a_digits=2", "task.b_digits=2", "model.n_layer=1", "model.d_model=
         "eval.test_examples=20", "eval.batch_size=20"]
 
 
-def _client(home: Path) -> MlflowClient:
-    return MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+def _client(home: Path, uri: str | None = None) -> MlflowClient:
+    return MlflowClient(uri or f"sqlite:///{home / 'mlflow.db'}")
 
 
-def _run(home: Path, name: str):
-    runs = _client(home).search_runs(
-        [e.experiment_id for e in _client(home).search_experiments()],
+def _run(home: Path, name: str, uri: str | None = None):
+    client = _client(home, uri)
+    runs = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
         filter_string=f"tags.`reasonlab.run_name` = '{name}'")
     assert len(runs) == 1, f"expected one MLflow run named {name}, found {len(runs)}"
     return runs[0]
@@ -43,19 +44,24 @@ def _artifacts(client: MlflowClient, run_id: str, path: str | None = None) -> se
 @pytest.mark.parametrize("workers", [1, 2])
 def test_training_run_is_tracked_end_to_end(ray_head, reasonlab_home, workers, tmp_path):
     name = f"e2e-{workers}"
+    env = dict(os.environ)
+    uri = None
+    if workers == 2:  # MLFLOW_TRACKING_URI must reach the workers, which log the metrics
+        uri = env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'elsewhere' / 'runs.db'}"
+        (tmp_path / "elsewhere").mkdir()
     result = reasonlab("train", "jobs/quickstart.yaml", *TINY, "train.max_steps=20", "train.eval_every=10",
-                       f"scaling.num_workers={workers}", f"tracking.run_name={name}")
+                       f"scaling.num_workers={workers}", f"tracking.run_name={name}", env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout + result.stderr
     assert "step 20/20" in out and "eval at step 10" in out and "test: accuracy" in out
-    run = _run(reasonlab_home, name)
+    run = _run(reasonlab_home, name, uri)
     assert f"MLflow run id {run.info.run_id}" in result.stdout
     assert run.info.status == "FINISHED"
 
     params = run.data.params
     assert params["task.name"] == "multiplication" and params["train.max_steps"] == "20"
     assert params["scaling.num_workers"] == str(workers) and int(params["model.n_params"]) > 0
-    client = _client(reasonlab_home)
+    client = _client(reasonlab_home, uri)
     steps = {k: [m.step for m in client.get_metric_history(run.info.run_id, k)]
              for k in ("train/loss", "train/lr", "train/tokens_per_sec", "eval/accuracy", "eval/examples_per_sec")}
     assert steps["train/loss"] == [5, 10, 15, 20] and steps["train/tokens_per_sec"] == [5, 10, 15, 20]
@@ -65,6 +71,8 @@ def test_training_run_is_tracked_end_to_end(ray_head, reasonlab_home, workers, t
     files = _artifacts(client, run.info.run_id)
     assert {"config.yaml", "predictions.jsonl", "tokenizer/tokenizer.json", "model/config.json",
             "model/model.safetensors", "model/tokenizer.json"} <= files
+    if uri:
+        assert run.info.artifact_uri.startswith((tmp_path / "elsewhere" / "mlartifacts").as_uri())
     local = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path)))
     import yaml
     assert yaml.safe_load((local / "config.yaml").read_text())["scaling"]["num_workers"] == workers
@@ -143,7 +151,34 @@ def test_ray_job_submit_reaches_succeeded(ray_head, reasonlab_home):
     assert result.returncode == 0, out[-3000:]
     assert "succeeded" in out.lower()
     job_id = out.split("Job '")[1].split("'")[0]
-    status = subprocess.run([str(BIN / "ray"), "job", "status", "--address", ray_head["dashboard"], job_id],
-                            env=ray_head["env"], capture_output=True, text=True, timeout=60)
-    assert "SUCCEEDED" in status.stdout + status.stderr
+    from ray.job_submission import JobStatus, JobSubmissionClient
+    assert JobSubmissionClient(ray_head["dashboard"]).get_job_status(job_id) == JobStatus.SUCCEEDED
     assert _run(reasonlab_home, name).info.status == "FINISHED"
+
+
+def test_ui_serves_the_runs(ray_head, reasonlab_home):
+    """`reasonlab ui` is the MLflow UI on loopback over the default store, artifacts included."""
+    name = "e2e-1"  # finished by test_training_run_is_tracked_end_to_end
+    expected = _run(reasonlab_home, name)
+    port = _free_port()
+    proc = subprocess.Popen([str(BIN / "reasonlab"), "ui", "--port", str(port)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        client = MlflowClient(f"http://127.0.0.1:{port}")
+        deadline = time.time() + 120
+        while True:
+            try:
+                experiments = client.search_experiments()
+                break
+            except Exception:
+                assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-2000:]
+                time.sleep(1)
+        runs = client.search_runs([e.experiment_id for e in experiments],
+                                  filter_string=f"tags.`reasonlab.run_name` = '{name}'")
+        assert [r.info.run_id for r in runs] == [expected.info.run_id]
+        assert runs[0].data.metrics["test/accuracy"] == expected.data.metrics["test/accuracy"]
+        assert {"config.yaml", "model", "tokenizer", "predictions.jsonl"} <= {
+            f.path for f in client.list_artifacts(expected.info.run_id)}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)

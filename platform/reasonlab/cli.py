@@ -53,14 +53,18 @@ def cmd_data_sample(args) -> int:
 
 
 def cmd_ui(args) -> int:
-    from reasonlab.tracking import home, tracking_uri
+    from reasonlab.tracking import local_artifact_root, tracking_uri
 
     uri = tracking_uri()
-    command = ["mlflow", "ui", "--host", "127.0.0.1", "--port", str(args.port), "--backend-store-uri", uri]
-    if uri.startswith("sqlite:///"):
-        command += ["--default-artifact-root", (home() / "mlartifacts").as_uri()]
+    if uri.startswith(("http://", "https://", "databricks")):
+        print(f"runs are on the MLflow server {uri}: open it in a browser")
+        return 0
+    command = [sys.executable, "-m", "mlflow", "ui", "--host", "127.0.0.1", "--port", str(args.port),
+               "--backend-store-uri", uri]
+    if local_artifact_root(uri):
+        command += ["--default-artifact-root", local_artifact_root(uri)]
     print(f"MLflow UI for {uri} at http://127.0.0.1:{args.port}  (Ctrl-C stops it)", flush=True)
-    os.execvp(command[0], command)
+    os.execv(command[0], command)
 
 
 def parser() -> argparse.ArgumentParser:

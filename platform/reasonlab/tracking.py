@@ -34,15 +34,21 @@ def storage_path(cfg: Config) -> str:
     return cfg.tracking.storage_path or str(home() / "ray_results")
 
 
+def local_artifact_root(uri: str) -> str | None:
+    """For a SQLite store without a server: the artifact folder beside the database file.
+
+    MLflow's default would be ./mlruns of whichever process created the experiment.
+    """
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
+
+
 def _experiment_id(client: MlflowClient, name: str, uri: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
-    location = None
-    if uri.startswith("sqlite:///") and "MLFLOW_TRACKING_URI" not in os.environ:
-        # without a server, artifacts would land in ./mlruns of whichever process created the experiment
-        location = (home() / "mlartifacts").as_uri()
-    return client.create_experiment(name, artifact_location=location)
+    return client.create_experiment(name, artifact_location=local_artifact_root(uri))
 
 
 class DriverRun:

@@ -61,14 +61,14 @@ def evaluate(model, tokenizer, method, examples: list[Example], *, batch_size: i
     was_training = model.training
     model.eval()
     eos, eos_id = tokenizer.eos_token, tokenizer.eos_token_id
-    tokenizer.padding_side = "left"
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt))  # less padding per batch
     outputs: dict[int, str] = {}
     start = time.perf_counter()
     for lo in range(0, len(order), batch_size):
         rows = order[lo: lo + batch_size]
         enc = tokenizer([method.prompt_text(examples[i], eos) for i in rows], add_special_tokens=False,
-                        padding=True, return_tensors="pt", return_token_type_ids=False).to(device)
+                        padding=True, padding_side="left", return_tensors="pt",
+                        return_token_type_ids=False).to(device)
         with autocast_context(device, precision):
             out = greedy_decode(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=max_new_tokens,
                                 eos_id=eos_id, stop_after=method.eos_in_target)

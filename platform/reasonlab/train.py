@@ -49,10 +49,9 @@ def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
 def train_loop_per_worker(spec: dict) -> None:
     import ray.train
     import ray.train.torch
+    import transformers
 
     from reasonlab.tracking import RunLogger
-
-    import transformers
 
     transformers.utils.logging.disable_progress_bar()
     cfg = config_from_dict(spec["config"], job=spec["job"])
@@ -93,7 +92,7 @@ def train_loop_per_worker(spec: dict) -> None:
         batch_size=micro, dtypes=torch.long, prefetch_batches=4, drop_last=True))
     cast = autocast_context(device, cfg.train.precision)
     model.train()
-    window_start, window_tokens, loss_sum, loss_count = time.perf_counter(), 0, 0.0, 0
+    window_start, window_tokens, loss_sum, loss_count = _new_window(device)
     started = time.perf_counter()
     first_step = step
     while step < cfg.train.max_steps:
@@ -111,9 +110,9 @@ def train_loop_per_worker(spec: dict) -> None:
             with sync, cast:
                 loss = method.loss(model, batch)
             (loss / cfg.train.grad_accum).backward()
-            loss_sum += loss.item()
+            loss_sum += loss.detach()
             loss_count += 1
-            window_tokens += int(batch["attention_mask"].sum())
+            window_tokens += batch["attention_mask"].sum()
         if cfg.train.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         optimizer.step()
@@ -122,9 +121,9 @@ def train_loop_per_worker(spec: dict) -> None:
         step += 1
 
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+            tokens = _all_reduce_sum(window_tokens, world)
             elapsed = time.perf_counter() - window_start
-            tokens = _all_reduce_sum(window_tokens, device, world)
-            metrics = {"train/loss": loss_sum / loss_count, "train/lr": scheduler.get_last_lr()[0],
+            metrics = {"train/loss": loss_sum.item() / loss_count, "train/lr": scheduler.get_last_lr()[0],
                        "train/tokens_per_sec": tokens / elapsed}
             if rank == 0:
                 logger.log_metrics(metrics, step)
@@ -132,7 +131,7 @@ def train_loop_per_worker(spec: dict) -> None:
                 say(f"step {step}/{cfg.train.max_steps}  loss {metrics['train/loss']:.4f}  "
                     f"lr {metrics['train/lr']:.2e}  {metrics['train/tokens_per_sec'] / 1e3:.1f}k tok/s  "
                     f"eta {_duration((cfg.train.max_steps - step) / rate)}", flush=True)
-            window_start, window_tokens, loss_sum, loss_count = time.perf_counter(), 0, 0.0, 0
+            window_start, window_tokens, loss_sum, loss_count = _new_window(device)
 
         if step % cfg.train.eval_every == 0 or step == cfg.train.max_steps:
             metrics = {"step": step}
@@ -173,12 +172,18 @@ def finish_run(model, tokenizer, method, task, cfg: Config, spec: dict, device, 
     logger.log_text("\n".join(lines) + "\n", "predictions.jsonl")
 
 
-def _all_reduce_sum(value: int, device, world: int) -> int:
-    if world == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(t)
-    return int(t.item())
+def _new_window(device) -> tuple:
+    """Start of a logging window: time, tokens, loss sum, loss count. The sums stay on the device, as
+    reading them every step would stall a GPU."""
+    return time.perf_counter(), torch.zeros((), dtype=torch.long, device=device), torch.zeros((), device=device), 0
+
+
+def _all_reduce_sum(value: torch.Tensor, world: int) -> int:
+    """Sum over workers (waits for the device, so the time measured after it is honest)."""
+    if world > 1:
+        value = value.clone()
+        torch.distributed.all_reduce(value)
+    return int(value.item())
 
 
 def _duration(seconds: float) -> str:

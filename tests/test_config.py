@@ -46,6 +46,8 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
     (["train.lr"], "train.lr: expected an override of the form section.key=value"),
     (["task.a_digits=0"], "task.a_digits: expected 1 to 18 digits"),
     (["task.valid_path=/nonexistent.txt"], "task.valid_path: file not found"),
+    (["tracking.run_name=a'b"], "tracking.run_name: expected letters, digits"),
+    (["tracking.run_name=../up"], "tracking.run_name: expected letters, digits"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError) as e:

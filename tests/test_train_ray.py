@@ -49,8 +49,9 @@ def test_training_run_is_tracked_end_to_end(ray_head, reasonlab_home, workers, t
     if workers == 2:  # MLFLOW_TRACKING_URI must reach the workers, which log the metrics
         uri = env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'elsewhere' / 'runs.db'}"
         (tmp_path / "elsewhere").mkdir()
+    accumulate = ["train.grad_accum=2"] if workers == 2 else []  # 2 workers x 2 micro-batches of 4
     result = reasonlab("train", "jobs/quickstart.yaml", *TINY, "train.max_steps=20", "train.eval_every=10",
-                       f"scaling.num_workers={workers}", f"tracking.run_name={name}", env=env)
+                       f"scaling.num_workers={workers}", f"tracking.run_name={name}", *accumulate, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout + result.stderr
     assert "step 20/20" in out and "eval at step 10" in out and "test: accuracy" in out
@@ -117,6 +118,26 @@ def test_killed_run_resumes_from_its_last_checkpoint(ray_head, reasonlab_home):
     loss_steps = [m.step for m in _client(reasonlab_home).get_metric_history(run.info.run_id, "train/loss")]
     assert max(loss_steps) == 300 and any(s > resumed_at for s in loss_steps)
     assert f"step {resumed_at + 5}/300" in out and f"step {resumed_at}/300" not in out  # no step done twice
+
+
+def test_interrupted_run_is_closed_as_killed(ray_head, reasonlab_home):
+    """Ctrl-C in the terminal (SIGINT to the foreground process group) ends the run as KILLED."""
+    name = "interrupted"
+    proc = subprocess.Popen([str(BIN / "reasonlab"), "train", "jobs/quickstart.yaml", *TINY, "train.max_steps=2000",
+                             f"tracking.run_name={name}"], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 300
+    output = ""
+    for line in proc.stdout:  # wait until training runs
+        output += line
+        if "step 20/2000" in line:
+            break
+        assert time.time() < deadline, output[-2000:]
+    os.killpg(proc.pid, signal.SIGINT)
+    rest, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (output + rest)[-3000:]
+    assert "reasonlab: interrupted" in rest
+    assert _run(reasonlab_home, name).info.status == "KILLED"
 
 
 def test_finished_run_name_is_not_reused(ray_head, reasonlab_home):

@@ -8,6 +8,7 @@ exit status 2 before anything starts.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -110,8 +111,8 @@ class TrackingConfig:
     storage_path: Optional[str] = None  # Ray Train checkpoints; default $REASONLAB_HOME/ray_results
 
     def check(self) -> None:
-        if self.run_name is not None and (not self.run_name or "/" in self.run_name):
-            raise ConfigError(f"tracking.run_name: expected a non-empty name without '/', got {self.run_name!r}")
+        if self.run_name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.run_name):
+            raise ConfigError(f"tracking.run_name: expected letters, digits, '.', '_' or '-', got {self.run_name!r}")
 
 
 @dataclass

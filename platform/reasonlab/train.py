@@ -57,7 +57,8 @@ def train_loop_per_worker(spec: dict) -> None:
     cfg = config_from_dict(spec["config"], job=spec["job"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(spec["threads"])
+    # this node's cores shared by this node's workers (the driver may run on another machine)
+    torch.set_num_threads(cfg.scaling.torch_threads or max(1, (os.cpu_count() or 1) // ctx.get_local_world_size()))
     torch.manual_seed(cfg.train.seed)
     device = ray.train.torch.get_device()
     tokenizer = tokenizer_from_files(spec["tokenizer"])
@@ -296,7 +297,7 @@ def run_training(cfg: Config, parent_run_id: str | None = None, out=sys.stdout) 
     from reasonlab.data import train_dataset
     from reasonlab.tracking import DriverRun, storage_path
 
-    run_name = cfg.tracking.run_name or f"{cfg.job}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_name = cfg.tracking.run_name or f"{cfg.job}-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(2).hex()}"
     spec = prepare_run(cfg)
     run = DriverRun(cfg, run_name, parent_run_id=parent_run_id)
     storage = storage_path(cfg)
@@ -316,8 +317,7 @@ def run_training(cfg: Config, parent_run_id: str | None = None, out=sys.stdout) 
                      log_to_driver=True, configure_logging=True)
         quiet_data_context()
         resources = worker_resources(cfg, ray.available_resources().get("CPU", 1.0))
-        threads = cfg.scaling.torch_threads or max(1, (os.cpu_count() or 1) // cfg.scaling.num_workers)
-        spec.update(run_id=run.run_id, tracking_uri=run.uri, threads=threads)
+        spec.update(run_id=run.run_id, tracking_uri=run.uri)
         total = cfg.train.max_steps * cfg.train.batch_size
 
         def dataset():  # runs on the controller at every worker-group (re)start
@@ -340,9 +340,10 @@ def run_training(cfg: Config, parent_run_id: str | None = None, out=sys.stdout) 
         )
         trainer.fit()
         status = "FINISHED"
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):
+        # Ctrl-C: Train's own SIGINT handler aborts the workers, then exits through SystemExit
         status = "KILLED"
-        raise
+        raise KeyboardInterrupt from None
     except Exception as e:
         raise TrainingFailed(f"run {run_name} failed (MLflow run {run.run_id} marked FAILED): "
                              f"{type(e).__name__}: {e}") from e

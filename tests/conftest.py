@@ -77,3 +77,11 @@ def reasonlab(*args: str, timeout: float = 600, env: dict | None = None) -> subp
     exe = shutil.which("reasonlab", path=str(BIN)) or "reasonlab"
     return subprocess.run([exe, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO,
                           env=env or dict(os.environ))
+
+
+def cli_in_fresh_python(*args: str) -> subprocess.CompletedProcess:
+    """The CLI in a new interpreter; stdout ends with RAY_IMPORTED or NO_RAY (was anything started?)."""
+    code = ("import sys; from reasonlab.cli import main; rc = main(sys.argv[1:]); "
+            "print('RAY_IMPORTED' if 'ray' in sys.modules else 'NO_RAY'); sys.exit(rc)")
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=REPO,
+                          timeout=120)

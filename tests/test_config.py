@@ -1,12 +1,9 @@
 """Job files and overrides: typed, validated, one clear line and exit status 2 on bad input."""
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 
-from conftest import REPO
+from conftest import REPO, cli_in_fresh_python
 from reasonlab.config import ConfigError, load_config
 
 QUICKSTART = REPO / "jobs" / "quickstart.yaml"
@@ -73,12 +70,6 @@ def test_bad_files(tmp_path):
         load_config(bad)
 
 
-def _cli(*args):
-    """The CLI in a fresh interpreter; also reports whether Ray got imported."""
-    code = ("import sys; from reasonlab.cli import main; rc = main(sys.argv[1:]); "
-            "print('RAY_IMPORTED' if 'ray' in sys.modules else 'NO_RAY'); sys.exit(rc)")
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=REPO,
-                          timeout=120)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -90,7 +81,7 @@ def _cli(*args):
     (["data", "sample", "nonsense"], "nonsense: unknown task"),
 ])
 def test_cli_rejects_bad_input_with_one_line_and_status_2(args, message):
-    result = _cli(*args)
+    result = cli_in_fresh_python(*args)
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines() == [f"reasonlab: error: {result.stderr.split('error: ', 1)[1].strip()}"]
     assert message in result.stderr
@@ -99,7 +90,8 @@ def test_cli_rejects_bad_input_with_one_line_and_status_2(args, message):
 
 
 def test_data_sample_prints_icot_lines():
-    result = _cli("data", "sample", "multiplication", "-n", "5", "--seed", "3", "a_digits=4", "b_digits=4")
+    result = cli_in_fresh_python("data", "sample", "multiplication", "-n", "5", "--seed", "3",
+                                 "a_digits=4", "b_digits=4")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()[:-1]
     assert len(lines) == 5
@@ -107,9 +99,10 @@ def test_data_sample_prints_icot_lines():
     for line in lines:
         a, b = operands(line.split("||")[0])
         assert multiplication_example(a, b, 4, 4).line() == line
-    again = _cli("data", "sample", "multiplication", "-n", "5", "--seed", "4", "a_digits=4", "b_digits=4")
+    again = cli_in_fresh_python("data", "sample", "multiplication", "-n", "5", "--seed", "4",
+                                "a_digits=4", "b_digits=4")
     assert again.stdout.splitlines()[:-1] != lines
-    test_split = _cli("data", "sample", "multiplication", "-n", "2", "--split", "test",
-                      f"test_path={REPO.parent / 'shared/data/icot/4_by_4_mult/test.txt'}")
+    test_split = cli_in_fresh_python("data", "sample", "multiplication", "-n", "2", "--split", "test",
+                                     f"test_path={REPO.parent / 'shared/data/icot/4_by_4_mult/test.txt'}")
     assert test_split.stdout.splitlines()[:-1] == (
         (REPO.parent / "shared/data/icot/4_by_4_mult/test.txt").read_text().splitlines()[:2])

@@ -32,6 +32,18 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from reasonlab.sweep import load_sweep
+
+    sweep = load_sweep(args.sweep, args.overrides)
+    from reasonlab.sweep import run_sweep  # Ray is imported only for a valid sweep
+
+    parent = run_sweep(sweep)
+    print(f"\nfinished sweep {sweep.name}: MLflow parent run id {parent} (trials.csv among its artifacts)\n"
+          f"  look at it with: reasonlab ui")
+    return 0
+
+
 def cmd_data_sample(args) -> int:
     from reasonlab.config import apply_overrides, build_dataclass
     from reasonlab.tasks import TASKS, make_task
@@ -75,6 +87,11 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("job", help="job file, e.g. jobs/quickstart.yaml")
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.lr=3e-4 model.n_layer=4")
     train.set_defaults(func=cmd_train)
+
+    sweep = verbs.add_parser("sweep", help="run a search space (a YAML file) on Ray Tune, one child run per trial")
+    sweep.add_argument("sweep", help="sweep file, e.g. search_spaces/quickstart_sizes.yaml")
+    sweep.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="applied to every trial")
+    sweep.set_defaults(func=cmd_sweep)
 
     data = verbs.add_parser("data", help="look at generated data")
     data_verbs = data.add_subparsers(dest="data_verb", required=True)

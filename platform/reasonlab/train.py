@@ -287,8 +287,10 @@ def quiet_data_context() -> None:
     ctx.execution_options.preserve_order = True
 
 
-def run_training(cfg: Config, parent_run_id: str | None = None, out=sys.stdout) -> TrainOutcome:
-    """Train one job on Ray, tracked as one MLflow run. Resumes a run of the same name."""
+def run_training(cfg: Config, parent_run_id: str | None = None, callbacks: list | None = None,
+                 out=sys.stdout) -> TrainOutcome:
+    """Train one job on Ray, tracked as one MLflow run (a child of `parent_run_id` in a sweep).
+    Resumes a run of the same name. `callbacks` are Ray Train UserCallbacks, e.g. Tune's reporter."""
     import ray
     import ray.data
     import ray.train
@@ -334,6 +336,7 @@ def run_training(cfg: Config, parent_run_id: str | None = None, out=sys.stdout) 
                 name=run_name, storage_path=storage,
                 failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+                callbacks=callbacks,
             ),
             datasets={"train": dataset},
             dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),

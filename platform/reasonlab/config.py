@@ -195,11 +195,11 @@ _SECTION_TYPES = {
 # Loading
 
 
-def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
-    """Read a job file, apply `section.key=value` overrides, validate."""
+def read_yaml_mapping(path: str | Path, kind: str, expected: str) -> dict:
+    """A YAML file that must hold a mapping; `kind` and `expected` word the errors."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: job file not found")
+        raise ConfigError(f"{path}: {kind} file not found")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
@@ -209,7 +209,14 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections (task, model, ...), got {type(data).__name__}")
+        raise ConfigError(f"{path}: expected a mapping of {expected}, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+    """Read a job file, apply `section.key=value` overrides, validate."""
+    path = Path(path)
+    data = read_yaml_mapping(path, "job", "sections (task, model, ...)")
     apply_overrides(data, overrides)
     return config_from_dict(data, job=path.stem)
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from reasonlab.config import Config, ConfigError, load_config
+from reasonlab.config import Config, ConfigError, load_config, read_yaml_mapping
 
 SWEEP_KEYS = {"base", "overrides", "grid", "max_concurrent_trials"}
 TRIAL_CPUS = 0.01  # a Tune trial only drives its trainer; {"CPU": 0} is refused by Tune
@@ -51,14 +51,7 @@ def _override(key: str, value) -> str:
 def load_sweep(path: str | Path, cli_overrides: list[str] = ()) -> Sweep:
     """Read and validate a sweep file; every trial's job is validated too."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: sweep file not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {getattr(e, 'problem', e)}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping with base, grid, ...")
+    data = read_yaml_mapping(path, "sweep", "base, grid, ...")
     unknown = sorted(set(data) - SWEEP_KEYS)
     if unknown:
         raise ConfigError(f"{path}: {unknown[0]}: unknown key; expected one of {sorted(SWEEP_KEYS)}")

@@ -5,9 +5,7 @@ from example k · batch_size on and sees exactly the examples it had not trained
 """
 from __future__ import annotations
 
-import hashlib
 import math
-import pickle
 
 import numpy as np
 import ray.data
@@ -25,7 +23,7 @@ _encoders: dict[str, tuple] = {}
 
 def _encoder(spec: dict):
     """(task, method, tokenizer, seq_len) for a spec, built once per Ray worker process."""
-    key = hashlib.sha1(pickle.dumps(spec)).hexdigest()
+    key = spec["encoder_key"]
     if key not in _encoders:
         cfg = config_from_dict(spec["config"])
         _encoders[key] = (make_task(cfg.task), make_method(cfg.method),

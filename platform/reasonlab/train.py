@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
+import pickle
 import sys
 import tempfile
 import time
@@ -15,7 +17,7 @@ import torch
 
 from reasonlab.config import Config, ConfigError, config_from_dict
 from reasonlab.evaluate import autocast_context, evaluate
-from reasonlab.methods import make_method, sequence_length, target_length
+from reasonlab.methods import make_method, prompt_length, sequence_length, target_length
 from reasonlab.models import build_causal_lm, count_parameters
 from reasonlab.tasks import make_task
 from reasonlab.tokenizer import build_tokenizer, load_tokenizer, tokenizer_files, tokenizer_from_files
@@ -221,15 +223,16 @@ def prepare_run(cfg: Config) -> dict:
         tokenizer = build_tokenizer(task)
     seq_len = sequence_length(task, method, tokenizer)
     max_new_tokens = cfg.eval.max_new_tokens or target_length(task, method, tokenizer) + 8
-    heldout = [e for split in ("valid", "test") for e in task.heldout(split)]
-    prompts = tokenizer([method.prompt_text(e, tokenizer.eos_token) for e in heldout], add_special_tokens=False)
-    needed = max(seq_len, max(map(len, prompts["input_ids"])) + max_new_tokens)
+    needed = max(seq_len, prompt_length(task, method, tokenizer) + max_new_tokens)
     max_len = cfg.model.max_len or needed
     if max_len < needed:
         raise ConfigError(f"model.max_len: {max_len} positions cannot hold the task's sequences and decoded "
                           f"targets; expected at least {needed}")
-    return {"config": cfg.to_dict(), "job": cfg.job, "tokenizer": tokenizer_files(tokenizer),
+    spec = {"config": cfg.to_dict(), "job": cfg.job, "tokenizer": tokenizer_files(tokenizer),
             "seq_len": seq_len, "max_len": max_len, "max_new_tokens": max_new_tokens}
+    # names the (task, method, tokenizer) encoder, so Ray Data workers build it once, not per batch
+    spec["encoder_key"] = hashlib.sha1(pickle.dumps([spec["config"], spec["tokenizer"], seq_len])).hexdigest()
+    return spec
 
 
 def _has_tokenizer(path: str) -> bool:

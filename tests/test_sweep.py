@@ -50,11 +50,11 @@ def test_a_two_trial_sweep_leaves_a_parent_run_with_two_child_runs(ray_head, rea
                                   filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
     assert len(children) == 2 and {c.info.status for c in children} == {"FINISHED"}
     assert sorted(c.data.params["model.d_model"] for c in children) == ["16", "32"]
-    sizes = {c.data.params["model.d_model"]: int(c.data.params["model.n_params"]) for c in children}
+    sizes = {c.data.params["model.d_model"]: int(c.data.params["n_params"]) for c in children}
     assert sizes["16"] < sizes["32"]
     assert all("test/accuracy" in c.data.metrics for c in children)
     local = client.download_artifacts(parent_id, "trials.csv", str(tmp_path))
     rows = list(csv.DictReader(io.StringIO(open(local).read())))
     assert [r["model.d_model"] for r in rows] == ["16", "32"]
-    assert [int(r["model.n_params"]) for r in rows] == [sizes["16"], sizes["32"]]
+    assert [int(r["n_params"]) for r in rows] == [sizes["16"], sizes["32"]]
     assert {r["status"] for r in rows} == {"FINISHED"} and all(r["test/accuracy"] for r in rows)

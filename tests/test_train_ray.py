@@ -61,7 +61,7 @@ def test_training_run_is_tracked_end_to_end(ray_head, reasonlab_home, workers, t
 
     params = run.data.params
     assert params["task.name"] == "multiplication" and params["train.max_steps"] == "20"
-    assert params["scaling.num_workers"] == str(workers) and int(params["model.n_params"]) > 0
+    assert params["scaling.num_workers"] == str(workers) and int(params["n_params"]) > 0
     client = _client(reasonlab_home, uri)
     steps = {k: [m.step for m in client.get_metric_history(run.info.run_id, k)]
              for k in ("train/loss", "train/lr", "train/tokens_per_sec", "eval/accuracy", "eval/examples_per_sec")}

@@ -60,7 +60,14 @@ def cmd_data_sample(args) -> int:
     params.check()
     task = make_task(params)
     examples = task.examples(0, args.n) if args.split == "train" else task.heldout(args.split)[: args.n]
-    sys.stdout.write("".join(e.line() + "\n" for e in examples))
+    sys.stdout.write("".join(task.show(e) + "\n" for e in examples))
+    return 0
+
+
+def cmd_capacity(args) -> int:
+    from reasonlab.studies import capacity_report
+
+    sys.stdout.write(capacity_report(args.run_id, args.scheme, args.out, log=args.log))
     return 0
 
 
@@ -95,13 +102,22 @@ def parser() -> argparse.ArgumentParser:
 
     data = verbs.add_parser("data", help="look at generated data")
     data_verbs = data.add_subparsers(dest="data_verb", required=True)
-    sample = data_verbs.add_parser("sample", help="print examples, one `input||cot #### answer` line each")
+    sample = data_verbs.add_parser("sample", help="print examples, one per line (`input||cot #### answer` for CoT tasks)")
     sample.add_argument("task", help="task name, e.g. multiplication")
     sample.add_argument("-n", type=int, default=10, help="number of examples (default 10)")
     sample.add_argument("--seed", type=int, default=None, help="the task's data seed")
     sample.add_argument("--split", choices=["train", "valid", "test"], default="train")
     sample.add_argument("fields", nargs="*", metavar="FIELD=VALUE", help="task fields, e.g. a_digits=5")
     sample.set_defaults(func=cmd_data_sample)
+
+    capacity = verbs.add_parser("capacity", help="bits stored per parameter, recomputed from finished runs")
+    capacity.add_argument("run_id", help="a capacity run, or a sweep's parent run (all its trials)")
+    capacity.add_argument("--scheme", default="optimal",
+                          help="encoding scheme printed and plotted: optimal, enumerate, independent, "
+                               "2-hop-big-hash, 2-hop-double, azl (capacity.csv holds them all)")
+    capacity.add_argument("--out", default=".", help="folder for capacity.csv and capacity_vs_params.png")
+    capacity.add_argument("--log", action="store_true", help="also log both files to the run")
+    capacity.set_defaults(func=cmd_capacity)
 
     ui = verbs.add_parser("ui", help="open the MLflow UI on 127.0.0.1")
     ui.add_argument("--port", type=int, default=5000)

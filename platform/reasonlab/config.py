@@ -37,26 +37,22 @@ class ModelConfig:
     max_len: Optional[int] = None  # position table size; default: the task's sequence length
     pretrained: Optional[str] = None  # local path or hub id loaded with from_pretrained
     attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    # target parameter count: d_model (a multiple of 16) and n_head (head size 16) are then derived from
+    # it and n_layer, as in EleutherAI's capacity sweeps (capacity_and_grokking.md §1.4)
+    n_params: Optional[int] = None
 
     def check(self) -> None:
         _positive(self, "model", "n_layer", "d_model", "n_head")
+        if self.n_params is not None:
+            _positive(self, "model", "n_params")
+            if self.pretrained:
+                raise ConfigError("model.n_params: cannot size a pretrained model; drop one of the two")
         if self.d_model % self.n_head:
             raise ConfigError(f"model.d_model: {self.d_model} is not divisible by model.n_head={self.n_head}")
         if self.d_ff is not None:
             _positive(self, "model", "d_ff")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"model.dropout: expected a value in [0, 1), got {self.dropout}")
-
-
-@dataclass
-class MethodConfig:
-    name: str = "cot"
-
-    def check(self) -> None:
-        from reasonlab.methods import METHODS
-
-        if self.name not in METHODS:
-            raise ConfigError(f"method.name: unknown method {self.name!r}; expected one of {sorted(METHODS)}")
 
 
 @dataclass
@@ -138,7 +134,7 @@ class ScalingConfig:
 class Config:
     task: Any  # the dataclass registered for task.name
     model: ModelConfig = field(default_factory=ModelConfig)
-    method: MethodConfig = field(default_factory=MethodConfig)
+    method: Any = None  # the dataclass registered for method.name
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -183,7 +179,6 @@ class Config:
 SECTIONS = ("task", "model", "method", "train", "eval", "tracking", "scaling")
 _SECTION_TYPES = {
     "model": ModelConfig,
-    "method": MethodConfig,
     "train": TrainConfig,
     "eval": EvalConfig,
     "tracking": TrackingConfig,
@@ -241,6 +236,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> None:
 
 
 def config_from_dict(data: dict, job: str = "job") -> Config:
+    from reasonlab.methods import METHODS
     from reasonlab.tasks import TASKS
 
     data = dict(data)
@@ -253,7 +249,14 @@ def config_from_dict(data: dict, job: str = "job") -> Config:
         raise ConfigError(f"task.name: required; expected one of {sorted(TASKS)}")
     if task["name"] not in TASKS:
         raise ConfigError(f"task.name: unknown task {task['name']!r}; expected one of {sorted(TASKS)}")
-    sections = {"task": build_dataclass(TASKS[task["name"]].Params, task, "task")}
+    method = data.get("method") or {}
+    if not isinstance(method, dict):
+        raise ConfigError(f"method: expected a mapping, got {type(method).__name__}")
+    method = {"name": "cot", **method}
+    if method["name"] not in METHODS:
+        raise ConfigError(f"method.name: unknown method {method['name']!r}; expected one of {sorted(METHODS)}")
+    sections = {"task": build_dataclass(TASKS[task["name"]].Params, task, "task"),
+                "method": build_dataclass(METHODS[method["name"]].Params, method, "method")}
     for name, cls in _SECTION_TYPES.items():
         sections[name] = build_dataclass(cls, data.get(name) or {}, name)
     config = Config(**sections, job=job)

@@ -1,7 +1,8 @@
 """Ray Data pipelines over tasks: the training stream, generated and tokenized inside Ray Data.
 
-Example i of the stream is `task.examples(i, i + 1)`, so a run restarted at step k builds the stream
-from example k · batch_size on and sees exactly the examples it had not trained on yet.
+Row i of the stream packs examples i·p … i·p + p − 1 of `task.examples` (p = 1 unless the method
+packs), so a run restarted at step k builds the stream from row k · batch_size on and sees exactly
+the examples it had not trained on yet.
 """
 from __future__ import annotations
 
@@ -32,9 +33,11 @@ def _encoder(spec: dict):
 
 
 def encode_range(spec: dict, start: int, stop: int) -> dict[str, np.ndarray]:
-    """Examples start..stop-1 of the training stream, tokenized and padded, with their indices."""
+    """Rows start..stop-1 of the training stream, tokenized and padded, with their indices. A row packs
+    `method.examples_per_row` consecutive examples."""
     task, method, tokenizer, seq_len = _encoder(spec)
-    batch = method.encode(task.examples(start, stop), tokenizer, seq_len)
+    k = method.examples_per_row
+    batch = method.encode(task.examples(start * k, stop * k), tokenizer, seq_len)
     batch["index"] = np.arange(start, stop, dtype=np.int64)
     return batch
 

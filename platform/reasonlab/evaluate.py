@@ -5,6 +5,7 @@ import contextlib
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from reasonlab.tasks import Example
@@ -86,3 +87,35 @@ def evaluate(model, tokenizer, method, examples: list[Example], *, batch_size: i
                             "correct": bool(ok), "generated": outputs[i]})
     n = len(examples)
     return EvalResult(correct / max(n, 1), n / elapsed if elapsed > 0 else float("inf"), n, predictions)
+
+
+@torch.inference_mode()
+def answer_losses(model, tokenizer, method, examples: list[Example], *, batch_size: int, device: torch.device,
+                  precision: str = "auto") -> np.ndarray:
+    """Each example's target loss in nats (teacher-forced, summed over the target's tokens)."""
+    was_training = model.training
+    model.eval()
+    eos = tokenizer.eos_token
+    prompts = tokenizer([method.prompt_text(e, eos) for e in examples], add_special_tokens=False)["input_ids"]
+    targets = tokenizer([method.target_text(e, eos) for e in examples], add_special_tokens=False)["input_ids"]
+    order = sorted(range(len(examples)), key=lambda i: len(prompts[i]) + len(targets[i]))
+    out = np.zeros(len(examples))
+    for lo in range(0, len(order), batch_size):
+        rows = order[lo: lo + batch_size]
+        width = max(len(prompts[i]) + len(targets[i]) for i in rows)
+        ids = torch.full((len(rows), width), tokenizer.eos_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for j, i in enumerate(rows):
+            seq = prompts[i] + targets[i]
+            ids[j, : len(seq)] = torch.tensor(seq)
+            labels[j, len(prompts[i]): len(seq)] = torch.tensor(targets[i])
+            mask[j, : len(seq)] = 1
+        ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
+        with autocast_context(device, precision):
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        token_loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:],
+                                                       ignore_index=-100, reduction="none")
+        out[rows] = token_loss.sum(1).double().cpu().numpy()
+    model.train(was_training)
+    return out

@@ -86,6 +86,7 @@ def run_sweep(sweep: Sweep) -> str:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from reasonlab.studies import log_task_artifacts, sweep_analyses
     from reasonlab.tracking import DriverRun, storage_path
     from reasonlab.train import run_training
 
@@ -94,6 +95,7 @@ def run_sweep(sweep: Sweep) -> str:
     parent = DriverRun(base_cfg, sweep_name)
     parent.client.set_tag(parent.run_id, "reasonlab.sweep", sweep.name)
     parent.client.log_text(parent.run_id, sweep.text, "sweep.yaml")
+    log_task_artifacts(parent.client, parent.run_id, [sweep.trial_config(i) for i in range(len(sweep.trials))])
     print(f"sweep {sweep_name}: {len(sweep.trials)} trials, at most {sweep.max_concurrent_trials} at once "
           f"(MLflow parent run {parent.run_id})", flush=True)
 
@@ -126,6 +128,7 @@ def run_sweep(sweep: Sweep) -> str:
         table = summarize(parent, sweep, sweep_name)
         parent.client.log_text(parent.run_id, table, "trials.csv")
         print(table, end="")
+        print(sweep_analyses(parent.client, parent.run_id), end="", flush=True)
         status = "FINISHED" if not grid.errors else "FAILED"
         if grid.errors:
             print(f"{len(grid.errors)} of {len(sweep.trials)} trials failed; see their runs", file=sys.stderr)
@@ -156,12 +159,12 @@ def summarize(parent, sweep: Sweep, sweep_name: str) -> str:
     metrics = sorted({k for r in runs.values() for k in r.data.metrics})
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(["trial", *sweep.grid, "model.n_params", "status", *metrics, "run_id"])
+    writer.writerow(["trial", *sweep.grid, "n_params", "status", *metrics, "run_id"])
     for index, combo in enumerate(itertools.product(*sweep.grid.values())):
         run = runs.get(f"{sweep_name}-t{index}")
         if run is None:
             writer.writerow([index, *combo, "", "NOT STARTED", *[""] * len(metrics), ""])
             continue
-        writer.writerow([index, *combo, run.data.params.get("model.n_params", ""), run.info.status,
+        writer.writerow([index, *combo, run.data.params.get("n_params", ""), run.info.status,
                          *[run.data.metrics.get(m, "") for m in metrics], run.info.run_id])
     return out.getvalue()

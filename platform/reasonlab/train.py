@@ -17,8 +17,9 @@ import torch
 
 from reasonlab.config import Config, ConfigError, config_from_dict
 from reasonlab.evaluate import autocast_context, evaluate
-from reasonlab.methods import make_method, prompt_length, sequence_length, target_length
+from reasonlab.methods import example_length, make_method, prompt_length, sequence_length, target_length
 from reasonlab.models import build_causal_lm, count_parameters
+from reasonlab.models.causal import count_used_parameters, size_for_params
 from reasonlab.tasks import make_task
 from reasonlab.tokenizer import build_tokenizer, load_tokenizer, tokenizer_files, tokenizer_from_files
 
@@ -84,11 +85,14 @@ def train_loop_per_worker(spec: dict) -> None:
 
     logger = RunLogger(spec["tracking_uri"], spec["run_id"]) if rank == 0 else None
     say = print if rank == 0 else (lambda *a, **k: None)
+    sizes = {"n_params": count_parameters(raw_model),
+             "n_params_used": count_used_parameters(raw_model, spec["used_token_ids"])}
     if rank == 0 and not step:
-        n_params = count_parameters(raw_model)
-        logger.log_params({"model.n_params": n_params})
-        say(f"model: {cfg.model.arch}, {n_params / 1e6:.2f}M parameters, sequence length {spec['seq_len']}")
-    eval_set = task.heldout("valid")[: cfg.eval.num_examples]
+        logger.log_params(sizes)
+        say(f"model: {cfg.model.arch}, {cfg.model.n_layer} layers, d_model {cfg.model.d_model}, "
+            f"{sizes['n_params'] / 1e6:.3f}M parameters ({sizes['n_params_used'] / 1e6:.3f}M without "
+            f"unused embedding rows), sequence length {spec['seq_len']}")
+    eval_sets = {k: v[: cfg.eval.num_examples] for k, v in task.eval_sets("valid").items()}
 
     micro = cfg.micro_batch_size
     batches = iter(ray.train.get_dataset_shard("train").iter_torch_batches(
@@ -141,13 +145,17 @@ def train_loop_per_worker(spec: dict) -> None:
             with tempfile.TemporaryDirectory() as d:
                 ckpt = None
                 if rank == 0:
-                    result = evaluate(raw_model, tokenizer, method, eval_set, batch_size=cfg.eval.batch_size,
-                                      max_new_tokens=spec["max_new_tokens"], device=device,
-                                      precision=cfg.train.precision)
-                    metrics.update(result.metrics("eval"))
-                    logger.log_metrics(result.metrics("eval"), step)
-                    say(f"eval at step {step}: accuracy {result.accuracy:.4f} on {result.num_examples} held-out "
-                        f"examples, {result.examples_per_sec:.1f} examples/s", flush=True)
+                    for prefix, examples in eval_sets.items():
+                        result = evaluate(raw_model, tokenizer, method, examples, batch_size=cfg.eval.batch_size,
+                                          max_new_tokens=spec["max_new_tokens"], device=device,
+                                          precision=cfg.train.precision)
+                        metrics.update(result.metrics(prefix))
+                        say(f"{prefix} at step {step}: accuracy {result.accuracy:.4f} on {result.num_examples} "
+                            f"held-out examples, {result.examples_per_sec:.1f} examples/s", flush=True)
+                    if hasattr(task, "capacity_questions"):
+                        metrics.update(measure_capacity(raw_model, tokenizer, method, task, cfg, sizes, device)[0])
+                        say(_capacity_line(metrics, step), flush=True)
+                    logger.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step)
                     torch.save({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                                 "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
                                 "step": step}, Path(d) / CHECKPOINT_FILE)
@@ -156,23 +164,70 @@ def train_loop_per_worker(spec: dict) -> None:
             window_start = time.perf_counter()  # evaluation time is not training throughput
 
     if rank == 0:
-        finish_run(raw_model, tokenizer, method, task, cfg, spec, device, logger)
+        finish_run(raw_model, tokenizer, method, task, cfg, spec, device, logger, sizes)
 
 
-def finish_run(model, tokenizer, method, task, cfg: Config, spec: dict, device, logger) -> None:
-    """Final test-set evaluation and the run's artifacts: model, tokenizer, predictions."""
-    test_set = task.heldout("test")[: cfg.eval.test_examples]
-    result = evaluate(model, tokenizer, method, test_set, batch_size=cfg.eval.batch_size,
-                      max_new_tokens=spec["max_new_tokens"], device=device, precision=cfg.train.precision)
-    logger.log_metrics(result.metrics("test"), cfg.train.max_steps)
-    print(f"test: accuracy {result.accuracy:.4f} on {result.num_examples} held-out examples, "
-          f"{result.examples_per_sec:.1f} examples/s (batch size {cfg.eval.batch_size})", flush=True)
+def finish_run(model, tokenizer, method, task, cfg: Config, spec: dict, device, logger, sizes: dict) -> None:
+    """Final test-set evaluation and the run's artifacts: model, tokenizer, predictions, and for
+    capacity tasks the answer losses and the capacity table."""
+    predictions = []
+    for prefix, examples in task.eval_sets("test").items():
+        result = evaluate(model, tokenizer, method, examples[: cfg.eval.test_examples], batch_size=cfg.eval.batch_size,
+                          max_new_tokens=spec["max_new_tokens"], device=device, precision=cfg.train.precision)
+        logger.log_metrics(result.metrics(prefix), cfg.train.max_steps)
+        print(f"{prefix}: accuracy {result.accuracy:.4f} on {result.num_examples} held-out examples, "
+              f"{result.examples_per_sec:.1f} examples/s (batch size {cfg.eval.batch_size})", flush=True)
+        predictions += [{"set": prefix, **p} for p in result.predictions[: cfg.eval.log_predictions]]
     with tempfile.TemporaryDirectory() as d:
         model.save_pretrained(d)
         tokenizer.save_pretrained(d)
         logger.log_artifacts(d, "model")
-    lines = [json.dumps(p) for p in result.predictions[: cfg.eval.log_predictions]]
-    logger.log_text("\n".join(lines) + "\n", "predictions.jsonl")
+    logger.log_text("".join(json.dumps(p) + "\n" for p in predictions), "predictions.jsonl")
+    if hasattr(task, "capacity_questions"):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        metrics, table, rows = measure_capacity(model, tokenizer, method, task, cfg, sizes, device)
+        logger.log_metrics(metrics, cfg.train.max_steps)
+        with tempfile.TemporaryDirectory() as d:
+            pq.write_table(pa.table(table), Path(d) / "answer_losses.parquet")
+            logger.log_artifacts(d)
+        logger.log_text(_csv(rows), "capacity.csv")
+
+
+def measure_capacity(model, tokenizer, method, task, cfg: Config, sizes: dict, device) -> tuple[dict, dict, list]:
+    """Answer losses of the capacity questions → (metrics, loss table, capacity rows)."""
+    from reasonlab.analysis.capacity import capacity_rows, measure_answer_losses
+
+    table = measure_answer_losses(model, tokenizer, method, task, batch_size=max(cfg.eval.batch_size, 256),
+                                  device=device, precision=cfg.train.precision)
+    rows = capacity_rows(table, task.statistics(), sizes["n_params"], sizes["n_params_used"])
+    metrics = {}
+    for row in rows:
+        h = row["hops"]
+        metrics[f"capacity/{h}hop_answer_loss_bits"] = row["mean_answer_loss_bits"]
+        for key, value in row.items():
+            if key.startswith(("capacity_", "bits_per_param_")):
+                metrics[f"capacity/{h}hop_{key}"] = value
+    return metrics, table, rows
+
+
+def _capacity_line(metrics: dict, step: int) -> str:
+    parts = [f"{h}-hop {metrics[f'capacity/{h}hop_capacity_optimal']:,.0f} bits "
+             f"({metrics[f'capacity/{h}hop_bits_per_param_optimal']:.3f} bits/param)"
+             for h in (1, 2) if f"capacity/{h}hop_capacity_optimal" in metrics]
+    return f"capacity at step {step} (optimal scheme): " + ", ".join(parts)
+
+
+def _csv(rows: list[dict]) -> str:
+    import csv
+    import io
+
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
 
 
 def _new_window(device) -> tuple:
@@ -223,13 +278,21 @@ def prepare_run(cfg: Config) -> dict:
         tokenizer = build_tokenizer(task)
     seq_len = sequence_length(task, method, tokenizer)
     max_new_tokens = cfg.eval.max_new_tokens or target_length(task, method, tokenizer) + 8
-    needed = max(seq_len, prompt_length(task, method, tokenizer) + max_new_tokens)
+    # packed rows restart positions per example, so positions only need to cover one example
+    needed = max(example_length(task, method, tokenizer), prompt_length(task, method, tokenizer) + max_new_tokens)
     max_len = cfg.model.max_len or needed
     if max_len < needed:
         raise ConfigError(f"model.max_len: {max_len} positions cannot hold the task's sequences and decoded "
                           f"targets; expected at least {needed}")
-    spec = {"config": cfg.to_dict(), "job": cfg.job, "tokenizer": tokenizer_files(tokenizer),
-            "seq_len": seq_len, "max_len": max_len, "max_new_tokens": max_new_tokens}
+    config = cfg.to_dict()
+    if cfg.model.n_params:
+        d_model, n_head = size_for_params(cfg.model, len(tokenizer), max_len, tokenizer.eos_token_id)
+        config["model"].update(d_model=d_model, n_head=n_head, d_ff=None)
+    used = {tokenizer.eos_token_id}
+    for ids in tokenizer(list(task.corpus()), add_special_tokens=False)["input_ids"]:
+        used.update(ids)
+    spec = {"config": config, "job": cfg.job, "tokenizer": tokenizer_files(tokenizer), "seq_len": seq_len,
+            "max_len": max_len, "max_new_tokens": max_new_tokens, "used_token_ids": sorted(used)}
     # names the (task, method, tokenizer) encoder, so Ray Data workers build it once, not per batch
     spec["encoder_key"] = hashlib.sha1(pickle.dumps([spec["config"], spec["tokenizer"], seq_len])).hexdigest()
     return spec
@@ -304,6 +367,7 @@ def run_training(cfg: Config, parent_run_id: str | None = None, callbacks: list 
 
     run_name = cfg.tracking.run_name or f"{cfg.job}-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(2).hex()}"
     spec = prepare_run(cfg)
+    cfg = config_from_dict(spec["config"], job=cfg.job)  # with the derived sizes, so they are logged
     run = DriverRun(cfg, run_name, parent_run_id=parent_run_id)
     storage = storage_path(cfg)
     print(f"{'resuming' if run.resumed else 'starting'} run {run_name} (MLflow run {run.run_id}); "
@@ -312,6 +376,9 @@ def run_training(cfg: Config, parent_run_id: str | None = None, callbacks: list 
         with tempfile.TemporaryDirectory() as d:
             tokenizer_from_files(spec["tokenizer"]).save_pretrained(d)
             run.log_artifacts(d, "tokenizer")
+        with tempfile.TemporaryDirectory() as d:
+            if make_task(cfg.task).write_artifacts(d):  # e.g. the profiles every question is about
+                run.log_artifacts(d, "data")
 
     # Train V2 sends worker prints both to stdout and to its logger, so each line showed twice
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")

@@ -1,14 +1,16 @@
 """Method registry: a new method is one module plus one line here."""
-from reasonlab.methods.autoregressive import IGNORE, AutoregressiveMethod, ExplicitCoT, NoCoT
+from reasonlab.methods.autoregressive import IGNORE, AutoregressiveMethod, ExplicitCoT, MethodParams, NoCoT
+from reasonlab.methods.qa import AnswerOnly
 
 METHODS = {
     "nocot": NoCoT,
     "cot": ExplicitCoT,
+    "qa": AnswerOnly,
 }
 
 
 def make_method(params):
-    return METHODS[params.name]()
+    return METHODS[params.name](params)
 
 
 def _longest(tokenizer, texts: list[str]) -> int:
@@ -19,22 +21,29 @@ def _heldout(task):
     return [e for split in ("valid", "test") for e in task.heldout(split)]
 
 
-def sequence_length(task, method, tokenizer) -> int:
-    """Padded length: the longest encoded example of the task's length probe."""
+def example_length(task, method, tokenizer) -> int:
+    """Tokens of the longest encoded example of the task's length probe."""
     eos = tokenizer.eos_token
-    texts = [method.prompt_text(e, eos) + method.target_text(e, eos) for e in task.length_probe()]
+    texts = [method.prompt_text(e, eos) + method.target_text(e, eos) for e in task.length_probe(tokenizer)]
     return _longest(tokenizer, texts)
 
 
+def sequence_length(task, method, tokenizer) -> int:
+    """Padded length of one training row (which may pack several examples)."""
+    return method.examples_per_row * example_length(task, method, tokenizer)
+
+
 def prompt_length(task, method, tokenizer) -> int:
-    """Longest held-out prompt in tokens."""
-    return _longest(tokenizer, [method.prompt_text(e, tokenizer.eos_token) for e in _heldout(task)])
+    """Longest held-out or probe prompt in tokens."""
+    examples = [*_heldout(task), *task.length_probe(tokenizer)]
+    return _longest(tokenizer, [method.prompt_text(e, tokenizer.eos_token) for e in examples])
 
 
 def target_length(task, method, tokenizer) -> int:
-    """Longest held-out target in tokens: how far decoding may need to go."""
-    return _longest(tokenizer, [method.target_text(e, tokenizer.eos_token) for e in _heldout(task)])
+    """Longest held-out or probe target in tokens: how far decoding may need to go."""
+    examples = [*_heldout(task), *task.length_probe(tokenizer)]
+    return _longest(tokenizer, [method.target_text(e, tokenizer.eos_token) for e in examples])
 
 
-__all__ = ["IGNORE", "METHODS", "AutoregressiveMethod", "make_method", "prompt_length", "sequence_length",
+__all__ = ["IGNORE", "METHODS", "AutoregressiveMethod", "MethodParams", "example_length", "make_method", "prompt_length", "sequence_length",
            "target_length"]

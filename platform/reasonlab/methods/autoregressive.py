@@ -6,6 +6,8 @@ reproduces their token ids exactly.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -15,11 +17,25 @@ from reasonlab.tasks import Example
 IGNORE = -100
 
 
+@dataclass
+class MethodParams:
+    """A method's section of the job file; methods with options subclass it."""
+    name: str = "cot"
+
+    def check(self) -> None:
+        pass
+
+
 class AutoregressiveMethod:
     """Base of `nocot` and `cot`: subclasses say what the target text is."""
 
+    Params = MethodParams
     name = ""
     eos_in_target = 1  # decoding stops after this many EOS tokens
+    examples_per_row = 1  # examples packed into one training row
+
+    def __init__(self, params: MethodParams | None = None) -> None:
+        self.params = params or self.Params(name=self.name)
 
     def target_text(self, example: Example, eos: str) -> str:
         raise NotImplementedError

@@ -2,10 +2,12 @@
 from reasonlab.tasks.base import Example, Task, parse_line
 from reasonlab.tasks.gsm8k import GSM8KTask
 from reasonlab.tasks.multiplication import MultiplicationTask
+from reasonlab.tasks.profiles import ProfilesQATask
 
 TASKS: dict[str, type[Task]] = {
     "multiplication": MultiplicationTask,
     "gsm8k": GSM8KTask,
+    "profiles_qa": ProfilesQATask,
 }
 
 

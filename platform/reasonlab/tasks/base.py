@@ -50,6 +50,10 @@ class Task:
         """The fixed `valid` or `test` set, in a fixed order."""
         raise NotImplementedError
 
+    def eval_sets(self, split: str) -> dict[str, list[Example]]:
+        """Named evaluation sets of a split; each key is the prefix of its metrics."""
+        return {"eval" if split == "valid" else "test": self.heldout(split)}
+
     def vocabulary(self) -> Sequence[str] | None:
         """Every whitespace-separated token the task can produce, or None for open text."""
         return None
@@ -58,9 +62,18 @@ class Task:
         """Text to train a subword tokenizer on, for open-text tasks."""
         return [e.line() for split in ("valid", "test") for e in self.heldout(split)]
 
-    def length_probe(self) -> Iterable[Example]:
-        """Examples whose longest encoding bounds every example's (sets the padded length)."""
+    def length_probe(self, tokenizer=None) -> Iterable[Example]:
+        """Examples whose longest encoding under `tokenizer` bounds every example's (sets the padded
+        length)."""
         return [e for split in ("valid", "test") for e in self.heldout(split)]
+
+    def write_artifacts(self, directory: str) -> bool:
+        """Write the data a run should keep with it (e.g. generated profiles); True if anything was written."""
+        return False
+
+    def show(self, example: Example) -> str:
+        """One example as `reasonlab data sample` prints it."""
+        return example.line()
 
     def heldout_prompts(self) -> set[str]:
         return {e.prompt for split in ("valid", "test") for e in self.heldout(split)}

@@ -72,5 +72,5 @@ class GSM8KTask(Task):
     def corpus(self):
         return [e.line() for e in self._train]
 
-    def length_probe(self):
+    def length_probe(self, tokenizer=None):
         return list(self._train) + super().length_probe()

@@ -165,6 +165,6 @@ class MultiplicationTask(Task):
     def vocabulary(self) -> list[str]:
         return [str(d) for d in range(10)] + ["*", "+", "(", ")", "####"]
 
-    def length_probe(self) -> list[Example]:
+    def length_probe(self, tokenizer=None) -> list[Example]:
         # every line of an n×m problem has the same length; one example of each held-out set suffices
         return [self.heldout("valid")[0], self.heldout("test")[0]]

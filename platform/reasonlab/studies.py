@@ -1,0 +1,128 @@
+"""Study analyses over finished MLflow runs: the capacity table and plot of a sweep (or of one run),
+recomputed from the runs' artifacts without retraining."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from reasonlab.config import ConfigError
+
+CAPACITY_CSV = "capacity.csv"
+CAPACITY_PNG = "capacity_vs_params.png"
+LOSSES_FILE = "answer_losses.parquet"
+
+
+def _capacity_rows(client, run) -> list[dict]:
+    """Capacity rows of one training run, from its answer losses and its profiles."""
+    import pyarrow.parquet as pq
+
+    from reasonlab.analysis.capacity import capacity_rows
+    from reasonlab.tasks.profiles import PROFILES_FILE
+
+    run_id = run.info.run_id
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    with tempfile.TemporaryDirectory() as d:
+        losses = pq.read_table(client.download_artifacts(run_id, LOSSES_FILE, d)).to_pydict()
+        schema = pq.read_schema(client.download_artifacts(run_id, f"data/{PROFILES_FILE}", d))
+    stats = json.loads(schema.metadata[b"reasonlab.statistics"])
+    rows = capacity_rows(losses, stats, int(run.data.params["n_params"]), int(run.data.params["n_params_used"]))
+    for row in rows:
+        row.update(run_name=run.info.run_name, run_id=run_id, status=run.info.status)
+    return rows
+
+
+def capacity_table(client, run_id: str) -> list[dict]:
+    """Rows for a run, or for every child of a sweep's parent run that measured its answer losses."""
+    try:
+        run = client.get_run(run_id)
+    except Exception:
+        raise ConfigError(f"{run_id}: no such MLflow run in {client.tracking_uri}") from None
+    children = client.search_runs([run.info.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{run_id}'")
+    runs = children or [run]
+    rows = []
+    for r in runs:
+        names = {a.path for a in client.list_artifacts(r.info.run_id)}
+        if LOSSES_FILE in names:
+            rows += _capacity_rows(client, r)
+    if not rows:
+        raise ConfigError(f"{run_id}: no run with {LOSSES_FILE} (only finished capacity runs have one)")
+    return sorted(rows, key=lambda r: (r["num_profiles"], r["relations"], r["hops"], r["n_params_used"]))
+
+
+def write_capacity(rows: list[dict], directory: str | Path, scheme: str = "optimal") -> tuple[Path, Path]:
+    from reasonlab.analysis.capacity import plot_capacity
+    from reasonlab.train import _csv
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    csv_path, png_path = directory / CAPACITY_CSV, directory / CAPACITY_PNG
+    csv_path.write_text(_csv(rows))
+    plot_capacity(rows, str(png_path), scheme)
+    return csv_path, png_path
+
+
+def format_capacity(rows: list[dict], scheme: str) -> str:
+    """A terminal table of the rows under one scheme."""
+    header = f"{'N':>7} {'R':>3} {'hops':>4} {'params':>10} {'capacity bits':>14} {'±95%':>8} {'dataset bits':>13} " \
+             f"{'bits/param':>10}  run"
+    lines = [header]
+    for r in rows:
+        if f"capacity_{scheme}" not in r:
+            continue
+        lines.append(f"{r['num_profiles']:>7} {r['relations']:>3} {r['hops']:>4} {r['n_params_used']:>10,} "
+                     f"{r[f'capacity_{scheme}']:>14,.0f} {r[f'ci95_{scheme}']:>8,.0f} "
+                     f"{r[f'dataset_entropy_{scheme}']:>13,.0f} {r[f'bits_per_param_{scheme}']:>10.3f}  {r['run_name']}")
+    return "\n".join(lines) + "\n"
+
+
+def capacity_report(run_id: str, scheme: str, out: str, log: bool = False) -> str:
+    """`reasonlab capacity RUN_ID`: the table printed, capacity.csv and the plot written to `out` (and
+    logged to the run with `log`)."""
+    from mlflow import MlflowClient
+
+    from reasonlab.analysis.capacity import SCHEMES
+    from reasonlab.tracking import tracking_uri
+
+    if scheme not in SCHEMES:
+        raise ConfigError(f"--scheme: expected one of {list(SCHEMES)}, got {scheme!r}")
+    client = MlflowClient(tracking_uri())
+    rows = capacity_table(client, run_id)
+    csv_path, png_path = write_capacity(rows, out, scheme)
+    if log:
+        client.log_artifact(run_id, str(csv_path))
+        client.log_artifact(run_id, str(png_path))
+    return format_capacity(rows, scheme) + f"\nwrote {csv_path} and {png_path}" + (
+        f"; logged to run {run_id}" if log else "") + "\n"
+
+
+def sweep_analyses(client, parent_run_id: str) -> str:
+    """Analyses that apply to a finished sweep, logged to its parent run; returns what to print."""
+    try:
+        rows = capacity_table(client, parent_run_id)
+    except ConfigError:
+        return ""  # not a capacity study
+    with tempfile.TemporaryDirectory() as d:
+        csv_path, png_path = write_capacity(rows, d)
+        client.log_artifact(parent_run_id, str(csv_path))
+        client.log_artifact(parent_run_id, str(png_path))
+    return format_capacity(rows, "optimal") + f"({CAPACITY_CSV} and {CAPACITY_PNG} logged to the parent run)\n"
+
+
+def log_task_artifacts(client, run_id: str, configs: list) -> None:
+    """The data every trial of a sweep uses (e.g. profiles), once per distinct task, on the parent run."""
+    from reasonlab.tasks import make_task
+
+    seen = set()
+    for cfg in configs:
+        key = json.dumps(cfg.to_dict()["task"], sort_keys=True)
+        if key in seen:
+            continue
+        seen.add(key)
+        with tempfile.TemporaryDirectory() as d:
+            if make_task(cfg.task).write_artifacts(d):
+                name = "_".join(f"{k}={v}" for k, v in sorted(cfg.to_dict()["task"].items())
+                                if k in ("num_profiles", "relations", "seed"))
+                client.log_artifacts(run_id, d, os.path.join("data", name or f"task{len(seen)}"))

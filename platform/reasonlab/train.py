@@ -207,13 +207,14 @@ def measure_capacity(model, tokenizer, method, task, cfg: Config, sizes: dict, d
         h = row["hops"]
         metrics[f"capacity/{h}hop_answer_loss_bits"] = row["mean_answer_loss_bits"]
         for key, value in row.items():
-            if key.startswith(("capacity_", "bits_per_param_")):
+            if key.startswith(("capacity_", "bits_per_param_", "ci95_relative_")):
                 metrics[f"capacity/{h}hop_{key}"] = value
     return metrics, table, rows
 
 
 def _capacity_line(metrics: dict, step: int) -> str:
     parts = [f"{h}-hop {metrics[f'capacity/{h}hop_capacity_optimal']:,.0f} bits "
+             f"± {100 * metrics[f'capacity/{h}hop_ci95_relative_optimal']:.1f}% "
              f"({metrics[f'capacity/{h}hop_bits_per_param_optimal']:.3f} bits/param)"
              for h in (1, 2) if f"capacity/{h}hop_capacity_optimal" in metrics]
     return f"capacity at step {step} (optimal scheme): " + ", ".join(parts)

@@ -171,6 +171,7 @@ def capacity_rows(loss_table: dict[str, np.ndarray], stats: dict, n_params: int,
             c = capacity(losses, stats, hops, scheme)
             row[f"capacity_{scheme}"] = c.bits
             row[f"ci95_{scheme}"] = c.ci95
+            row[f"ci95_relative_{scheme}"] = c.ci95 / c.bits if c.bits > 0 else 0.0  # aim: under 0.02
             row[f"dataset_entropy_{scheme}"] = c.dataset_entropy
             row[f"selection_bits_{scheme}"] = selection_bits(stats, scheme)  # credited even to an untrained model
             row[f"bits_per_param_{scheme}"] = c.bits / n_params_used

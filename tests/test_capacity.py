@@ -74,12 +74,15 @@ def test_capacity_of_a_perfect_model_is_the_dataset_entropy():
     for scheme in ("optimal", "enumerate", "independent", "azl"):
         c = capacity(perfect, stats, 1, scheme)
         assert c.bits == pytest.approx(c.dataset_entropy) and c.ci95 == 0
-    # a model no better than the prior stores only the selection bits (nothing under `independent`)
-    prior = entropies(stats, "optimal")
-    clueless = {a: SubjectLoss(prior[a] + 3, 1.0, 200) for a in subjects(4)}
-    assert capacity(clueless, stats, 1, "optimal").bits == pytest.approx(selection_bits(stats, "optimal"))
+    # a model no better than an uninformed prior stores nothing, under every scheme (no free selection bits)
     wide = entropies(stats, "independent")
-    assert capacity({a: SubjectLoss(wide[a] + 3, 1.0, 200) for a in subjects(4)}, stats, 1, "independent").bits == 0
+    clueless = {a: SubjectLoss(wide[a] + 3, 1.0, 200) for a in subjects(4)}
+    for scheme in ("optimal", "enumerate", "independent"):
+        assert capacity(clueless, stats, 1, scheme).bits == 0
+    # one that knows which names and dates exist but nothing about who has which gets the selection bits
+    prior = entropies(stats, "optimal")
+    sets_only = {a: SubjectLoss(prior[a], 1.0, 200) for a in subjects(4)}
+    assert capacity(sets_only, stats, 1, "optimal").bits == pytest.approx(selection_bits(stats, "optimal"))
 
 
 def test_capacity_formulas_on_a_hand_computed_case():

@@ -17,7 +17,9 @@ Schemes (EleutherAI's names):
 
 Against EleutherAI's implementation: a subject the model knows worse than the prior adds 0 bits, not
 negative bits (the data could be coded with the prior for that subject instead); the selection
-terms are the exact log-binomials, not n log n approximations; 2-hop-double's factor 2 applies to
+terms are the exact log-binomials, not n log n approximations, and are credited only as far as the
+model's answers show it knows the name and date sets (`selection_share`; EleutherAI credits them to
+every model, so an untrained one "stores" them); 2-hop-double's factor 2 applies to
 relation subjects only (theirs stuck to every later subject); and the parameter count leaves out
 unused embedding rows (Allen-Zhu & Li's convention), with the full count reported beside it.
 """
@@ -134,7 +136,28 @@ def capacity(losses: dict[str, SubjectLoss], stats: dict, hops: int, scheme: str
             fpc = max(0.0, 1 - loss.fraction)  # a census has no sampling error
             variance += (mult * n * slope) ** 2 * loss.var_bits / max(loss.count, 1) * fpc
     selection = selection_bits(stats, scheme)
-    return Capacity(scheme, hops, bits + selection, entropy + selection, 1.96 * math.sqrt(variance))
+    earned = selection * selection_share(losses, stats) if selection else 0.0
+    return Capacity(scheme, hops, bits + earned, entropy + selection, 1.96 * math.sqrt(variance))
+
+
+def selection_share(losses: dict[str, SubjectLoss], stats: dict) -> float:
+    """How much of the name and date sets the model shows it knows, from 0 to 1: how far its relation
+    (birth date) answers are below the uninformed prior over the whole name space (date support), as a
+    share of the way down to the prior over the realized names (dates). EleutherAI credits both sets to
+    every model, an untrained one included; here an untrained model stores 0 bits."""
+    def share(loss: float, uninformed: float, informed: float) -> float:
+        return min(1.0, max(0.0, (uninformed - loss) / (uninformed - informed))) if uninformed > informed else 1.0
+
+    relations = [losses[r].mean_bits for r in RELATIONS[: stats["relations"]] if r in losses]
+    names_known = share(float(np.mean(relations)), math.log2(names_space(stats)),
+                        float(np.mean([math.log2(stats[f"distinct_{r}"]) for r in RELATIONS[: stats["relations"]]])))
+    dates_known = share(losses["birth_date"].mean_bits, math.log2(stats["date_support"]),
+                        math.log2(stats["distinct_dates"])) if "birth_date" in losses else 0.0
+    n = stats["num_profiles"]
+    space = names_space(stats)
+    name_bits = log2_binomial(space, n)
+    date_bits = log2_binomial(stats["date_support"], stats["distinct_dates"])
+    return (names_known * name_bits + dates_known * date_bits) / (name_bits + date_bits)
 
 
 def subject_losses(subject: np.ndarray, loss_nats: np.ndarray, relations: int,
@@ -173,7 +196,7 @@ def capacity_rows(loss_table: dict[str, np.ndarray], stats: dict, n_params: int,
             row[f"ci95_{scheme}"] = c.ci95
             row[f"ci95_relative_{scheme}"] = c.ci95 / c.bits if c.bits > 0 else 0.0  # aim: under 0.02
             row[f"dataset_entropy_{scheme}"] = c.dataset_entropy
-            row[f"selection_bits_{scheme}"] = selection_bits(stats, scheme)  # credited even to an untrained model
+            row[f"selection_bits_{scheme}"] = selection_bits(stats, scheme)  # the most a model is credited
             row[f"bits_per_param_{scheme}"] = c.bits / n_params_used
         rows.append(row)
     return rows

@@ -60,9 +60,11 @@ class AnswerOnly(AutoregressiveMethod):
         labels = np.full((rows, seq_len), IGNORE, dtype=np.int64)
         position_ids = np.zeros((rows, seq_len), dtype=np.int64)
         mask = np.zeros((rows, seq_len), dtype=np.int64)
+        start = 0
         for i, (prompt, target) in enumerate(zip(prompts, targets)):
             row, at = divmod(i, k)
-            start = int(mask[row].sum())
+            if at == 0:
+                start = 0
             ids = prompt + target
             stop = start + len(ids)
             if stop > seq_len:
@@ -72,6 +74,7 @@ class AnswerOnly(AutoregressiveMethod):
             labels[row, start + len(prompt):stop] = target
             position_ids[row, start:stop] = np.arange(len(ids))
             mask[row, start:stop] = 1
+            start = stop
             if at == k - 1:  # padding is one more block of its own
                 position_ids[row, stop:] = np.arange(seq_len - stop)
         return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "attention_mask": mask}

@@ -287,7 +287,7 @@ class ProfilesQATask(Task):
     Params = ProfilesParams
     _MAX_REDRAWS = 200
 
-    @property
+    @functools.cached_property
     def profiles(self) -> Profiles:
         return _profiles(dataclasses.astuple(self.params))  # the params object itself is not hashable
 
@@ -306,8 +306,8 @@ class ProfilesQATask(Task):
         return names[subject].replace("_", " ")
 
     def one_hop(self, person: np.ndarray, subject: np.ndarray) -> list[Example]:
-        names = self.profiles.names
-        return [Example(f"What was {names[p]}'s {self.subject_text(s)}?", "", self.profiles.value(p, s))
+        profiles = self.profiles
+        return [Example(f"What was {profiles.names[p]}'s {self.subject_text(s)}?", "", profiles.value(p, s))
                 for p, s in zip(person.tolist(), subject.tolist())]
 
     def two_hop(self, person: np.ndarray, relation: np.ndarray, subject: np.ndarray) -> list[Example]:

@@ -152,6 +152,15 @@ def test_packed_questions_do_not_see_each_other(qa_setup, arch):
     model = build_causal_lm(ModelConfig(arch=arch, n_layer=2, d_model=32, n_head=2), len(tok), 64,
                             tok.eos_token_id, torch.device("cpu")).eval()
     packed = method.logits(model, batch)
+    # the loss runs the output layer on answer positions only: the same value and gradient as all logits
+    width = packed.shape[1]
+    full = torch.nn.functional.cross_entropy(packed[:, :-1].flatten(0, 1), batch["labels"][:, 1:width].flatten(),
+                                             ignore_index=-100)
+    fast = method.loss(model, batch)
+    assert torch.allclose(fast, full, atol=1e-6)
+    grad_fast = torch.autograd.grad(fast, model.get_output_embeddings().weight)[0]
+    grad_full = torch.autograd.grad(full, model.get_output_embeddings().weight)[0]
+    assert torch.allclose(grad_fast, grad_full, atol=1e-7)
     alone = method.__class__(method.Params(name="qa", pack=1))
     for i, example in enumerate(examples):
         row, slot = divmod(i, 3)
@@ -170,7 +179,8 @@ def test_model_sizing_and_used_parameter_count(qa_setup):
     _, _, tok = qa_setup
     for arch, target in [("gpt2", 60_000), ("llama", 120_000)]:
         cfg = ModelConfig(arch=arch, n_layer=2, n_params=target)
-        d, heads = size_for_params(cfg, len(tok), 64, tok.eos_token_id)
+        d, heads = size_for_params(cfg, lambda m: build_causal_lm(m, len(tok), 64, tok.eos_token_id,
+                                                                  torch.device("cpu")))
         model = build_causal_lm(ModelConfig(arch=arch, n_layer=2, d_model=d, n_head=heads), len(tok), 64,
                                 tok.eos_token_id, torch.device("cpu"))
         n = count_parameters(model)

@@ -470,3 +470,44 @@ def test_the_diffusion_core_imports_neither_ray_nor_mlflow():
             "print(sorted(m for m in ('ray', 'mlflow') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# ---- (10) the shared evaluator: diffusion decoding, self-consistency votes ----
+
+def test_the_shared_evaluator_scores_diffusion_samples_by_exact_match(memorized):
+    from reasonlab.evaluate import evaluate
+
+    m = memorized
+    greedy = evaluate(m.model, m.tok, m.method, m.examples, batch_size=4, max_new_tokens=0, device=torch.device("cpu"),
+                      seq_len=m.seq_len, steps=64)
+    assert greedy.accuracy == 1.0 and greedy.num_examples == 8 and greedy.examples_per_sec > 0
+    voted = evaluate(m.model, m.tok, m.method, m.examples, batch_size=8, max_new_tokens=0, device=torch.device("cpu"),
+                     seq_len=m.seq_len, steps=64, samples=3, seed=5)
+    assert all(len(p["votes"]) == 3 for p in voted.predictions)
+    assert voted.accuracy == sum(p["correct"] for p in voted.predictions) / 8
+
+
+def test_self_consistency_takes_the_most_frequent_answer():
+    from reasonlab.evaluate import evaluate, vote
+    from reasonlab.tasks import Example
+
+    assert vote(["1 2", "3", "3", ""]) == "3" and vote(["", ""]) == ""
+    assert vote(["4", "5", "5", "4"]) == "4"  # a tie goes to the answer drawn first
+
+    class Drawn:  # each call "samples" the next answer of a fixed sequence
+        eos_in_target, draws = 1, iter(["7", "9", "9", "9", "7"])
+
+        def generate_text(self, model, tokenizer, examples, seq_len, **kwargs):
+            assert kwargs["greedy"] is False and kwargs["generator"] is not None
+            return [f" #### {next(self.draws)} <eos>" for _ in examples]
+
+        def answer(self, generated, eos):
+            return generated.split("####")[1].split(eos)[0].strip()
+
+    tok = types.SimpleNamespace(eos_token="<eos>")
+    model = torch.nn.Linear(1, 1)
+    example = Example(prompt="1 * 9", cot="", answer="9")
+    result = evaluate(model, tok, Drawn(), [example], batch_size=1, max_new_tokens=0, device=torch.device("cpu"),
+                      seq_len=8, samples=5)
+    assert result.predictions[0]["votes"] == ["7", "9", "9", "9", "7"]
+    assert result.predictions[0]["predicted"] == "9" and result.accuracy == 1.0

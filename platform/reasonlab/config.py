@@ -90,11 +90,15 @@ class EvalConfig:
     batch_size: int = 64  # decoding batch size; the ICoT papers quote throughput at batch size 1
     max_new_tokens: Optional[int] = None  # default: the task's longest target plus a margin
     log_predictions: int = 50  # predictions saved with the run
+    steps: Optional[int] = None  # diffusion methods: sampling steps T (default: method.steps)
+    samples: int = 1  # self-consistency: answers sampled per question, the most frequent one counts
+    seed: int = 0  # seeds the samples drawn when samples > 1
 
     def check(self) -> None:
-        _positive(self, "eval", "num_examples", "test_examples", "batch_size")
-        if self.max_new_tokens is not None:
-            _positive(self, "eval", "max_new_tokens")
+        _positive(self, "eval", "num_examples", "test_examples", "batch_size", "samples")
+        for key in ("max_new_tokens", "steps"):
+            if getattr(self, key) is not None:
+                _positive(self, "eval", key)
         if self.log_predictions < 0:
             raise ConfigError(f"eval.log_predictions: expected a value >= 0, got {self.log_predictions}")
 

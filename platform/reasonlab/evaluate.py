@@ -1,8 +1,10 @@
-"""Greedy decoding, exact match of the answer, and decoding throughput. No Ray here."""
+"""Generation (greedy, sampled, or by diffusion), exact match of the answer, self-consistency votes, and
+decoding throughput. No Ray here."""
 from __future__ import annotations
 
 import contextlib
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,15 +26,20 @@ class EvalResult:
 
 @torch.inference_mode()
 def greedy_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
-                  eos_id: int, stop_after: int) -> torch.Tensor:
+                  eos_id: int, stop_after: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Greedy continuation of left-padded prompts with the KV cache; row i stops once it has written
-    `stop_after` EOS tokens (explicit-CoT targets hold two) and then emits EOS as padding."""
+    `stop_after` EOS tokens (explicit-CoT targets hold two) and then emits EOS as padding. With a
+    `generator`, tokens are sampled from the model's distribution instead (temperature 1)."""
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True)
     eos_seen = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
     generated = []
     for _ in range(max_new_tokens):
-        token = out.logits[:, -1].argmax(-1)
+        logits = out.logits[:, -1]
+        if generator is None:
+            token = logits.argmax(-1)
+        else:
+            token = torch.multinomial(torch.softmax(logits.float(), -1), 1, generator=generator)[:, 0]
         token = torch.where(eos_seen >= stop_after, torch.full_like(token, eos_id), token)
         generated.append(token)
         eos_seen += token == eos_id
@@ -51,31 +58,62 @@ def autocast_context(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
+def generate_targets(model, tokenizer, method, examples: list[Example], *, max_new_tokens: int, device: torch.device,
+                     seq_len: int | None = None, steps: int | None = None,
+                     generator: torch.Generator | None = None) -> list[str]:
+    """Each example's generated target as text: token by token for autoregressive methods, in
+    `steps` parallel denoising steps (method.steps by default) for diffusion methods. Greedy unless a
+    `generator` is given, which then draws every random choice."""
+    if hasattr(method, "generate_text"):  # diffusion: the whole target at once, in the training length
+        kwargs = {"greedy": False, "generator": generator} if generator is not None else {}
+        return method.generate_text(model, tokenizer, examples, seq_len, steps=steps, **kwargs)
+    eos = tokenizer.eos_token
+    enc = tokenizer([method.prompt_text(e, eos) for e in examples], add_special_tokens=False, padding=True,
+                    padding_side="left", return_tensors="pt", return_token_type_ids=False).to(device)
+    out = greedy_decode(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=max_new_tokens,
+                        eos_id=tokenizer.eos_token_id, stop_after=method.eos_in_target, generator=generator)
+    return tokenizer.batch_decode(out.tolist(), skip_special_tokens=False)
+
+
+def vote(answers: list[str]) -> str:
+    """Self-consistency: the most frequent non-empty answer; ties go to the one drawn first."""
+    counts = Counter(a for a in answers if a)
+    return max(counts, key=lambda a: (counts[a], -answers.index(a))) if counts else ""
+
+
 @torch.inference_mode()
 def evaluate(model, tokenizer, method, examples: list[Example], *, batch_size: int, max_new_tokens: int,
-             device: torch.device, precision: str = "auto") -> EvalResult:
-    """Greedy-decode every example's target and compare answers exactly.
+             device: torch.device, precision: str = "auto", seq_len: int | None = None, steps: int | None = None,
+             samples: int = 1, seed: int = 0) -> EvalResult:
+    """Generate every example's target (greedily, or `samples` times with a vote on the answer) and
+    compare answers exactly.
 
-    Throughput counts everything from tokenizing the prompts to extracting the answers, as the
-    implicit-CoT repos time it.
+    Throughput counts everything from tokenizing the prompts to extracting the answers (all samples
+    of a question included), as the implicit-CoT repos time it.
     """
     was_training = model.training
     model.eval()
-    eos, eos_id = tokenizer.eos_token, tokenizer.eos_token_id
+    eos = tokenizer.eos_token
+    generator = None
+    if samples > 1:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed)
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt))  # less padding per batch
-    outputs: dict[int, str] = {}
+    outputs: dict[int, list[str]] = {}
     start = time.perf_counter()
     for lo in range(0, len(order), batch_size):
         rows = order[lo: lo + batch_size]
-        enc = tokenizer([method.prompt_text(examples[i], eos) for i in rows], add_special_tokens=False,
-                        padding=True, padding_side="left", return_tensors="pt",
-                        return_token_type_ids=False).to(device)
-        with autocast_context(device, precision):
-            out = greedy_decode(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=max_new_tokens,
-                                eos_id=eos_id, stop_after=method.eos_in_target)
-        for i, ids in zip(rows, out.tolist()):
-            outputs[i] = tokenizer.decode(ids, skip_special_tokens=False)
-    answers = {i: method.answer(text, eos) for i, text in outputs.items()}
+        for i in rows:
+            outputs[i] = []
+        for _ in range(samples):
+            with autocast_context(device, precision):
+                texts = generate_targets(model, tokenizer, method, [examples[i] for i in rows],
+                                         max_new_tokens=max_new_tokens, device=device, seq_len=seq_len, steps=steps,
+                                         generator=generator)
+            for i, text in zip(rows, texts):
+                outputs[i].append(text)
+    drawn = {i: [method.answer(text, eos) for text in texts] for i, texts in outputs.items()}
+    answers = {i: vote(a) if samples > 1 else a[0] for i, a in drawn.items()}
     elapsed = time.perf_counter() - start
     model.train(was_training)
     predictions = []
@@ -83,8 +121,11 @@ def evaluate(model, tokenizer, method, examples: list[Example], *, batch_size: i
     for i, example in enumerate(examples):
         ok = answers[i] == " ".join(example.answer.split())
         correct += ok
-        predictions.append({"prompt": example.prompt, "answer": example.answer, "predicted": answers[i],
-                            "correct": bool(ok), "generated": outputs[i]})
+        prediction = {"prompt": example.prompt, "answer": example.answer, "predicted": answers[i],
+                      "correct": bool(ok), "generated": outputs[i][0]}
+        if samples > 1:
+            prediction["votes"] = drawn[i]
+        predictions.append(prediction)
     n = len(examples)
     return EvalResult(correct / max(n, 1), n / elapsed if elapsed > 0 else float("inf"), n, predictions)
 

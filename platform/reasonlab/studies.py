@@ -1,5 +1,6 @@
 """Study analyses over finished MLflow runs: the capacity table and plot of a sweep (or of one run),
-recomputed from the runs' artifacts without retraining."""
+recomputed from the runs' artifacts without retraining, and the accuracy-against-steps table and plot
+of an eval-only diffusion sweep."""
 from __future__ import annotations
 
 import json
@@ -9,6 +10,8 @@ from pathlib import Path
 
 from reasonlab.config import ConfigError
 
+STEPS_CSV = "steps.csv"
+STEPS_PNG = "steps_vs_accuracy.png"
 CAPACITY_CSV = "capacity.csv"
 CAPACITY_PNG = "capacity_vs_params.png"
 LOSSES_FILE = "answer_losses.parquet"
@@ -126,3 +129,62 @@ def log_task_artifacts(client, run_id: str, configs: list) -> None:
                 name = "_".join(f"{k}={v}" for k, v in sorted(cfg.to_dict()["task"].items())
                                 if k in ("num_profiles", "relations", "seed"))
                 client.log_artifacts(run_id, d, os.path.join("data", name or f"task{len(seen)}"))
+
+
+def _effective_steps(params: dict) -> int | None:
+    for key in ("eval.steps", "method.steps"):
+        if params.get(key) not in (None, "None", ""):
+            return int(params[key])
+    return None
+
+
+def steps_rows(client, parent_run_id: str, grid: dict, baselines: dict[str, str]) -> tuple[list[dict], list[dict]]:
+    """(one row per finished trial of an eval-only sweep, one per baseline run), for steps.csv."""
+    children = client.search_runs([client.get_run(parent_run_id).info.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+    others = [k for k in grid if k not in ("eval.steps", "method.steps")]
+    rows = []
+    for run in children:
+        p, m = run.data.params, run.data.metrics
+        if "eval/accuracy" not in m:
+            continue
+        series = ", ".join(f"{k.split('.')[-1]}={p.get(k)}" for k in others) or p.get("method.name", "")
+        rows.append({"kind": "trial", "run_name": run.info.run_name, "method": p.get("method.name"),
+                     "steps": _effective_steps(p), "sampler": p.get("method.sampler"),
+                     "samples": p.get("eval.samples"), "series": series, "num_examples": p.get("eval.num_examples"),
+                     "accuracy": m["eval/accuracy"], "examples_per_sec": m["eval/examples_per_sec"],
+                     "run_id": run.info.run_id})
+    rows.sort(key=lambda r: (r["series"], r["steps"] or 0))
+    base = []
+    for run_id, name in baselines.items():
+        run = client.get_run(run_id)
+        p, m = run.data.params, run.data.metrics
+        base.append({"kind": "baseline", "run_name": name, "method": p.get("method.name"), "steps": "",
+                     "sampler": "", "samples": p.get("eval.samples"), "series": "", "num_examples": p.get("eval.num_examples"),
+                     "accuracy": m["eval/accuracy"], "examples_per_sec": m.get("eval/examples_per_sec", float("nan")),
+                     "run_id": run_id, "label": f"{p.get('method.name')} ({name})"})
+    return rows, base
+
+
+def steps_analysis(client, parent_run_id: str, grid: dict, baselines: dict[str, str]) -> str:
+    """steps.csv and steps_vs_accuracy.png on an eval-only sweep's parent run, when the grid varies T;
+    returns what to print."""
+    from reasonlab.analysis.steps import STEP_KEYS, plot_steps
+    from reasonlab.train import _csv
+
+    if not any(k in grid for k in STEP_KEYS):
+        return ""
+    rows, base = steps_rows(client, parent_run_id, grid, baselines)
+    if not rows:
+        return "no trial finished; no steps.csv\n"
+    columns = ["kind", "run_name", "method", "steps", "sampler", "samples", "series", "num_examples", "accuracy",
+               "examples_per_sec", "run_id"]
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / STEPS_CSV).write_text(_csv([{c: r[c] for c in columns} for r in rows + base]))
+        plot_steps(rows, str(Path(d) / STEPS_PNG), base)
+        client.log_artifact(parent_run_id, str(Path(d) / STEPS_CSV))
+        client.log_artifact(parent_run_id, str(Path(d) / STEPS_PNG))
+    lines = [f"{'T':>5} {'series':<28} {'accuracy':>9} {'examples/s':>11}"]
+    lines += [f"{r['steps']:>5} {r['series']:<28} {100 * r['accuracy']:>8.1f}% {r['examples_per_sec']:>11.1f}" for r in rows]
+    lines += [f"{'':>5} {b['label']:<28} {100 * b['accuracy']:>8.1f}% {b['examples_per_sec']:>11.1f}" for b in base]
+    return "\n".join(lines) + f"\n({STEPS_CSV} and {STEPS_PNG} logged to the parent run)\n"

@@ -8,7 +8,13 @@ and logs into a child MLflow run of the sweep's parent run.
       model.n_layer: [2, 4]
     max_concurrent_trials: 2          # optional; default: as many as the grid has
 
-Every grid point is validated as a whole job before Ray starts.
+A grid that only varies how a model is evaluated (`eval.*`, `method.sampler`, `method.steps`,
+`method.greedy`) is an eval-only sweep: the base job is trained once (or the model is taken from the
+finished run `trained_run:` names), and every trial evaluates that model in a child run. Its parent
+run gets steps.csv and steps_vs_accuracy.png when the grid varies the diffusion steps T, with the
+finished runs listed under `baselines:` (e.g. autoregressive CoT and no-CoT) on the same plot.
+
+Every grid point is validated as a whole job before Ray starts, and the runs named exist.
 """
 from __future__ import annotations
 
@@ -26,7 +32,8 @@ import yaml
 
 from reasonlab.config import Config, ConfigError, load_config, read_yaml_mapping
 
-SWEEP_KEYS = {"base", "overrides", "grid", "max_concurrent_trials"}
+SWEEP_KEYS = {"base", "overrides", "grid", "max_concurrent_trials", "trained_run", "baselines"}
+SAMPLING_KEYS = {"method.sampler", "method.steps", "method.greedy"}  # change generation, not training
 TRIAL_CPUS = 0.01  # a Tune trial only drives its trainer; {"CPU": 0} is refused by Tune
 
 
@@ -39,9 +46,20 @@ class Sweep:
     max_concurrent_trials: int
     text: str = ""
     trials: list[list[str]] = field(default_factory=list)  # one override list per trial
+    trained_run: str | None = None  # run id of the model an eval-only sweep evaluates
+    baselines: dict[str, str] = field(default_factory=dict)  # run id → name, drawn beside the trials
+    baseline_jobs: list[tuple[Path, list[str]]] = field(default_factory=list)  # trained before the trials
 
     def trial_config(self, index: int, extra: list[str] = ()) -> Config:
         return load_config(self.base, [*self.overrides, *self.trials[index], *extra])
+
+    def base_config(self, extra: list[str] = ()) -> Config:
+        """The base job with the sweep's overrides and none of the grid's values."""
+        return load_config(self.base, [*self.overrides, *extra])
+
+    @property
+    def eval_only(self) -> bool:
+        return all(key.startswith("eval.") or key in SAMPLING_KEYS for key in self.grid)
 
 
 def _override(key: str, value) -> str:
@@ -77,26 +95,83 @@ def load_sweep(path: str | Path, cli_overrides: list[str] = ()) -> Sweep:
             sweep.trial_config(i)
         except ConfigError as e:
             raise ConfigError(f"{path}: trial {' '.join(trials[i])}: {e}") from None
+    _resolve_runs(sweep, data, path)
     return sweep
 
 
+def _resolve_runs(sweep: Sweep, data: dict, path: Path) -> None:
+    """`trained_run` and `baselines`: checked against MLflow before anything starts."""
+    trained, baselines = data.get("trained_run"), data.get("baselines") or []
+    if trained is None and not baselines:
+        return
+    if not isinstance(baselines, list) or not all(isinstance(b, str) and b.strip() for b in baselines):
+        raise ConfigError(f"{path}: baselines: expected a list of run ids, run names or job files")
+    if not sweep.eval_only:
+        keys = [k for k in sweep.grid if not (k.startswith("eval.") or k in SAMPLING_KEYS)]
+        raise ConfigError(f"{path}: trained_run/baselines need an eval-only grid (eval.* and {sorted(SAMPLING_KEYS)}); "
+                          f"{keys[0]} changes training")
+    if trained is not None and not isinstance(trained, str):
+        raise ConfigError(f"{path}: trained_run: expected a run id or run name, got {trained!r}")
+    refs = []
+    for ref in baselines:
+        job, *job_overrides = ref.split()
+        if job.endswith((".yaml", ".yml")):  # a job to train first: "../jobs/x.yaml key=value ..."
+            job_path = (path.parent / job).resolve()
+            try:
+                load_config(job_path, job_overrides)
+            except ConfigError as e:
+                raise ConfigError(f"{path}: baselines: {ref}: {e}") from None
+            sweep.baseline_jobs.append((job_path, job_overrides))
+        else:
+            refs.append(ref)
+    if trained is None and not refs:
+        return
+    from mlflow.tracking import MlflowClient
+
+    from reasonlab.tracking import find_run, tracking_uri
+
+    cfg = sweep.base_config()
+    uri = tracking_uri(cfg)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise ConfigError(f"{path}: {'trained_run' if trained else 'baselines'}: no run with id or name "
+                          f"{trained or refs[0]!r}: there are no runs at {uri} yet")
+    client = MlflowClient(uri)
+    if trained is not None:
+        run = find_run(client, cfg.tracking.experiment, trained, f"{path}: trained_run")
+        if run.info.status != "FINISHED" or not any(a.path == "model" for a in client.list_artifacts(run.info.run_id)):
+            raise ConfigError(f"{path}: trained_run: run {trained!r} has no saved model (status {run.info.status}); "
+                              f"only finished runs do")
+        for key, value in cfg.flat().items():  # the model must have been trained for this job
+            if key.startswith(("task.", "method.")) and key not in SAMPLING_KEYS:
+                if key in run.data.params and run.data.params[key] != str(value):
+                    raise ConfigError(f"{path}: trained_run: run {trained!r} was trained with {key}="
+                                      f"{run.data.params[key]}, the base job has {value}")
+        sweep.trained_run = run.info.run_id
+    for ref in refs:
+        run = find_run(client, cfg.tracking.experiment, ref, f"{path}: baselines")
+        if "eval/accuracy" not in run.data.metrics:
+            raise ConfigError(f"{path}: baselines: run {ref!r} has no eval/accuracy to compare with")
+        sweep.baselines[run.info.run_id] = run.info.run_name
+
+
 def run_sweep(sweep: Sweep) -> str:
-    """Run every trial on Ray Tune; returns the parent MLflow run id."""
+    """Run every trial on Ray Tune, each logged as a child run of one parent run; returns the parent
+    MLflow run id."""
     import ray
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
-    from reasonlab.studies import log_task_artifacts, sweep_analyses
+    from reasonlab.studies import log_task_artifacts
     from reasonlab.tracking import DriverRun, storage_path
-    from reasonlab.train import run_training
 
-    base_cfg = sweep.trial_config(0)
+    base_cfg = sweep.base_config() if sweep.eval_only else sweep.trial_config(0)
     sweep_name = f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(2).hex()}"
     parent = DriverRun(base_cfg, sweep_name)
     parent.client.set_tag(parent.run_id, "reasonlab.sweep", sweep.name)
     parent.client.log_text(parent.run_id, sweep.text, "sweep.yaml")
-    log_task_artifacts(parent.client, parent.run_id, [sweep.trial_config(i) for i in range(len(sweep.trials))])
-    print(f"sweep {sweep_name}: {len(sweep.trials)} trials, at most {sweep.max_concurrent_trials} at once "
+    if not sweep.eval_only:
+        log_task_artifacts(parent.client, parent.run_id, [sweep.trial_config(i) for i in range(len(sweep.trials))])
+    what = "evaluations of one model" if sweep.eval_only else "trials"
+    print(f"sweep {sweep_name}: {len(sweep.trials)} {what}, at most {sweep.max_concurrent_trials} at once "
           f"(MLflow parent run {parent.run_id})", flush=True)
 
     status = "FAILED"
@@ -104,22 +179,10 @@ def run_sweep(sweep: Sweep) -> str:
         os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
         if not ray.is_initialized():
             ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level="WARNING")
-        extra = []
-        if base_cfg.scaling.cpus_per_worker is None and not base_cfg.scaling.use_gpu:
-            # concurrent trials share the CPUs and leave Ray Data one whole CPU, after the trial
-            # actors' own share, or its 1-CPU tasks never start (ray_and_mlflow.md §2.3)
-            free = ray.cluster_resources().get("CPU", 1.0) - 1 - TRIAL_CPUS * sweep.max_concurrent_trials
-            per_worker = math.floor(1000 * free / (sweep.max_concurrent_trials * base_cfg.scaling.num_workers)) / 1000
-            extra.append(f"scaling.cpus_per_worker={max(0.05, per_worker)}")
-        parent_id = parent.run_id
-
-        def trial(config: dict) -> None:  # one Tune trial: one Train run, a child MLflow run
-            index = config["trial"]
-            cfg = sweep.trial_config(index, [*extra, f"tracking.run_name={sweep_name}-t{index}"])
-            run_training(cfg, parent_run_id=parent_id, callbacks=[TuneReportCallback()])
-
+        plan = _evaluation_trials if sweep.eval_only else _training_trials
+        trial, resources, analyses = plan(sweep, sweep_name, parent, base_cfg)
         tuner = tune.Tuner(
-            tune.with_resources(trial, {"CPU": TRIAL_CPUS}),  # the trial only drives its trainer
+            tune.with_resources(trial, resources),
             param_space={"trial": tune.grid_search(list(range(len(sweep.trials))))},
             tune_config=tune.TuneConfig(max_concurrent_trials=sweep.max_concurrent_trials),
             run_config=tune.RunConfig(name=sweep_name, storage_path=storage_path(base_cfg), verbose=0),
@@ -128,7 +191,7 @@ def run_sweep(sweep: Sweep) -> str:
         table = summarize(parent, sweep, sweep_name)
         parent.client.log_text(parent.run_id, table, "trials.csv")
         print(table, end="")
-        print(sweep_analyses(parent.client, parent.run_id), end="", flush=True)
+        print(analyses(), end="", flush=True)
         status = "FINISHED" if not grid.errors else "FAILED"
         if grid.errors:
             print(f"{len(grid.errors)} of {len(sweep.trials)} trials failed; see their runs", file=sys.stderr)
@@ -139,6 +202,67 @@ def run_sweep(sweep: Sweep) -> str:
         parent.end(status)
         _close_children(parent)
     return parent.run_id
+
+
+def _training_trials(sweep: Sweep, sweep_name: str, parent, base_cfg: Config) -> tuple:
+    """(trial function, its resources, the parent's analyses) when every trial trains a model."""
+    import ray
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from reasonlab.studies import sweep_analyses
+    from reasonlab.train import run_training
+
+    extra = []
+    if base_cfg.scaling.cpus_per_worker is None and not base_cfg.scaling.use_gpu:
+        # concurrent trials share the CPUs and leave Ray Data one whole CPU, after the trial
+        # actors' own share, or its 1-CPU tasks never start (ray_and_mlflow.md §2.3)
+        free = ray.cluster_resources().get("CPU", 1.0) - 1 - TRIAL_CPUS * sweep.max_concurrent_trials
+        per_worker = math.floor(1000 * free / (sweep.max_concurrent_trials * base_cfg.scaling.num_workers)) / 1000
+        extra.append(f"scaling.cpus_per_worker={max(0.05, per_worker)}")
+    parent_id = parent.run_id
+
+    def trial(config: dict) -> None:  # one Tune trial: one Train run, a child MLflow run
+        index = config["trial"]
+        cfg = sweep.trial_config(index, [*extra, f"tracking.run_name={sweep_name}-t{index}"])
+        run_training(cfg, parent_run_id=parent_id, callbacks=[TuneReportCallback()])
+
+    # the trial only drives its trainer
+    return trial, {"CPU": TRIAL_CPUS}, lambda: sweep_analyses(parent.client, parent_id)
+
+
+def _evaluation_trials(sweep: Sweep, sweep_name: str, parent, base_cfg: Config) -> tuple:
+    """Train the base job once (unless `trained_run` names a model) and the baseline jobs; then
+    (trial function, its resources, the parent's analyses) where each trial evaluates that model."""
+    from ray import tune
+
+    from reasonlab.eval_run import TRAINED_RUN_TAG, evaluate_trained
+    from reasonlab.studies import steps_analysis
+    from reasonlab.train import run_training
+
+    trained = sweep.trained_run
+    if trained is None:
+        print(f"training {sweep.base.name} once for all {len(sweep.trials)} evaluations", flush=True)
+        trained = run_training(sweep.base_config([f"tracking.run_name={sweep_name}-train"])).run_id
+    else:
+        print(f"evaluating the model of run {trained}", flush=True)
+    parent.client.set_tag(parent.run_id, TRAINED_RUN_TAG, trained)
+    baselines = dict(sweep.baselines)
+    for i, (job, overrides) in enumerate(sweep.baseline_jobs):
+        name = f"{sweep_name}-baseline{i}"
+        print(f"training baseline {job.name} {' '.join(overrides)}".rstrip(), flush=True)
+        baselines[run_training(load_config(job, [*overrides, f"tracking.run_name={name}"])).run_id] = name
+    parent_id = parent.run_id
+    scaling = base_cfg.scaling
+    resources = {"CPU": scaling.cpus_per_worker or 1.0, **({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})}
+    # the machine's cores shared by the trials that run at once
+    threads = scaling.torch_threads or max(1, (os.cpu_count() or 1) // sweep.max_concurrent_trials)
+
+    def trial(config: dict) -> None:  # one Tune trial: one evaluation, a child MLflow run
+        index = config["trial"]
+        cfg = sweep.trial_config(index)
+        tune.report(evaluate_trained(cfg, trained, f"{sweep_name}-t{index}", parent_id, threads=threads))
+
+    return trial, resources, lambda: steps_analysis(parent.client, parent_id, sweep.grid, baselines)
 
 
 def _children(parent) -> list:

@@ -51,6 +51,20 @@ def _experiment_id(client: MlflowClient, name: str, uri: str) -> str:
     return client.create_experiment(name, artifact_location=local_artifact_root(uri))
 
 
+def find_run(client: MlflowClient, experiment: str, ref: str, what: str):
+    """A run by id, or by reasonlab run name in `experiment`; `what` names the reference in errors."""
+    try:
+        return client.get_run(ref)
+    except Exception:
+        pass
+    exp = client.get_experiment_by_name(experiment)
+    runs = [] if exp is None else client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{ref}'", max_results=1)
+    if not runs:
+        raise ConfigError(f"{what}: no run with id or name {ref!r} in experiment {experiment!r} at {client.tracking_uri}")
+    return runs[0]
+
+
 class DriverRun:
     """The MLflow run of one training run, owned by the driver."""
 

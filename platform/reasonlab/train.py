@@ -18,7 +18,7 @@ import torch
 from reasonlab.config import Config, ConfigError, config_from_dict
 from reasonlab.evaluate import autocast_context, evaluate
 from reasonlab.methods import example_length, make_method, prompt_length, sequence_length, target_length
-from reasonlab.models import build_causal_lm, count_parameters
+from reasonlab.models import count_parameters
 from reasonlab.models.causal import count_used_parameters, size_for_params
 from reasonlab.tasks import make_task
 from reasonlab.tokenizer import build_tokenizer, load_tokenizer, tokenizer_files, tokenizer_from_files
@@ -66,7 +66,7 @@ def train_loop_per_worker(spec: dict) -> None:
     device = ray.train.torch.get_device()
     tokenizer = tokenizer_from_files(spec["tokenizer"])
     task, method = make_task(cfg.task), make_method(cfg.method)
-    model = build_causal_lm(cfg.model, len(tokenizer), spec["max_len"], tokenizer.eos_token_id, device)
+    model = method.build_model(cfg.model, tokenizer, spec["max_len"], device)
     optimizer = make_optimizer(model, cfg.train)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.train))
 
@@ -85,11 +85,13 @@ def train_loop_per_worker(spec: dict) -> None:
 
     logger = RunLogger(spec["tracking_uri"], spec["run_id"]) if rank == 0 else None
     say = print if rank == 0 else (lambda *a, **k: None)
+    # a diffusion model's extra states (the mask) are used too
+    extra_states = range(len(tokenizer), raw_model.get_input_embeddings().weight.shape[0]) if is_diffusion(method) else []
     sizes = {"n_params": count_parameters(raw_model),
-             "n_params_used": count_used_parameters(raw_model, spec["used_token_ids"])}
+             "n_params_used": count_used_parameters(raw_model, [*spec["used_token_ids"], *extra_states])}
     if rank == 0 and not step:
         logger.log_params(sizes)
-        say(f"model: {cfg.model.arch}, {cfg.model.n_layer} layers, d_model {cfg.model.d_model}, "
+        say(f"model: {'diffusion transformer' if is_diffusion(method) else cfg.model.arch}, {cfg.model.n_layer} layers, d_model {cfg.model.d_model}, "
             f"{sizes['n_params'] / 1e6:.3f}M parameters ({sizes['n_params_used'] / 1e6:.3f}M without "
             f"unused embedding rows), sequence length {spec['seq_len']}")
     eval_sets = {k: v[: cfg.eval.num_examples] for k, v in task.eval_sets("valid").items()}
@@ -147,12 +149,11 @@ def train_loop_per_worker(spec: dict) -> None:
                 if rank == 0:
                     for prefix, examples in eval_sets.items():
                         result = evaluate(raw_model, tokenizer, method, examples, batch_size=cfg.eval.batch_size,
-                                          max_new_tokens=spec["max_new_tokens"], device=device,
-                                          precision=cfg.train.precision)
+                                          **eval_options(cfg, spec), device=device)
                         metrics.update(result.metrics(prefix))
                         say(f"{prefix} at step {step}: accuracy {result.accuracy:.4f} on {result.num_examples} "
                             f"held-out examples, {result.examples_per_sec:.1f} examples/s", flush=True)
-                    if hasattr(task, "capacity_questions"):
+                    if measures_capacity(task, method):
                         metrics.update(measure_capacity(raw_model, tokenizer, method, task, cfg, sizes, device)[0])
                         say(_capacity_line(metrics, step), flush=True)
                     logger.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step)
@@ -173,7 +174,7 @@ def finish_run(model, tokenizer, method, task, cfg: Config, spec: dict, device, 
     predictions = []
     for prefix, examples in task.eval_sets("test").items():
         result = evaluate(model, tokenizer, method, examples[: cfg.eval.test_examples], batch_size=cfg.eval.batch_size,
-                          max_new_tokens=spec["max_new_tokens"], device=device, precision=cfg.train.precision)
+                          **eval_options(cfg, spec), device=device)
         logger.log_metrics(result.metrics(prefix), cfg.train.max_steps)
         print(f"{prefix}: accuracy {result.accuracy:.4f} on {result.num_examples} held-out examples, "
               f"{result.examples_per_sec:.1f} examples/s (batch size {cfg.eval.batch_size})", flush=True)
@@ -183,7 +184,7 @@ def finish_run(model, tokenizer, method, task, cfg: Config, spec: dict, device, 
         tokenizer.save_pretrained(d)
         logger.log_artifacts(d, "model")
     logger.log_text("".join(json.dumps(p) + "\n" for p in predictions), "predictions.jsonl")
-    if hasattr(task, "capacity_questions"):
+    if measures_capacity(task, method):
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -193,6 +194,21 @@ def finish_run(model, tokenizer, method, task, cfg: Config, spec: dict, device, 
             pq.write_table(pa.table(table), Path(d) / "answer_losses.parquet")
             logger.log_artifacts(d)
         logger.log_text(_csv(rows), "capacity.csv")
+
+
+def is_diffusion(method) -> bool:
+    return hasattr(method, "generate_text")
+
+
+def measures_capacity(task, method) -> bool:
+    """Capacity needs each fact's teacher-forced answer loss: capacity tasks under autoregressive methods."""
+    return hasattr(task, "capacity_questions") and not is_diffusion(method)
+
+
+def eval_options(cfg: Config, spec: dict) -> dict:
+    """`evaluate` keywords from the eval section and the run's lengths."""
+    return {"max_new_tokens": spec["max_new_tokens"], "seq_len": spec["seq_len"], "steps": cfg.eval.steps,
+            "samples": cfg.eval.samples, "seed": cfg.eval.seed, "precision": cfg.train.precision}
 
 
 def measure_capacity(model, tokenizer, method, task, cfg: Config, sizes: dict, device) -> tuple[dict, dict, list]:
@@ -277,17 +293,10 @@ def prepare_run(cfg: Config) -> dict:
         tokenizer = load_tokenizer(cfg.model.pretrained)
     else:
         tokenizer = build_tokenizer(task)
-    seq_len = sequence_length(task, method, tokenizer)
-    max_new_tokens = cfg.eval.max_new_tokens or target_length(task, method, tokenizer) + 8
-    # packed rows restart positions per example, so positions only need to cover one example
-    needed = max(example_length(task, method, tokenizer), prompt_length(task, method, tokenizer) + max_new_tokens)
-    max_len = cfg.model.max_len or needed
-    if max_len < needed:
-        raise ConfigError(f"model.max_len: {max_len} positions cannot hold the task's sequences and decoded "
-                          f"targets; expected at least {needed}")
+    seq_len, max_new_tokens, max_len = run_lengths(cfg, task, method, tokenizer)
     config = cfg.to_dict()
     if cfg.model.n_params:
-        d_model, n_head = size_for_params(cfg.model, len(tokenizer), max_len, tokenizer.eos_token_id)
+        d_model, n_head = size_for_params(cfg.model, lambda m: method.build_model(m, tokenizer, max_len, torch.device("cpu")))
         config["model"].update(d_model=d_model, n_head=n_head, d_ff=None)
     used = {tokenizer.eos_token_id}
     for ids in tokenizer(list(task.corpus()), add_special_tokens=False)["input_ids"]:
@@ -297,6 +306,20 @@ def prepare_run(cfg: Config) -> dict:
     # names the (task, method, tokenizer) encoder, so Ray Data workers build it once, not per batch
     spec["encoder_key"] = hashlib.sha1(pickle.dumps([spec["config"], spec["tokenizer"], seq_len])).hexdigest()
     return spec
+
+
+def run_lengths(cfg: Config, task, method, tokenizer) -> tuple[int, int, int]:
+    """(training row length, decoding budget, position table size) of a job with this tokenizer; the
+    same for the run that trains a model and for any later evaluation of it."""
+    seq_len = sequence_length(task, method, tokenizer)
+    max_new_tokens = cfg.eval.max_new_tokens or target_length(task, method, tokenizer) + 8
+    # packed rows restart positions per example, so positions only need to cover one example
+    needed = max(example_length(task, method, tokenizer), prompt_length(task, method, tokenizer) + max_new_tokens)
+    max_len = cfg.model.max_len or needed
+    if max_len < needed:
+        raise ConfigError(f"model.max_len: {max_len} positions cannot hold the task's sequences and decoded "
+                          f"targets; expected at least {needed}")
+    return seq_len, max_new_tokens, max_len
 
 
 def _has_tokenizer(path: str) -> bool:

@@ -1,11 +1,13 @@
 """Method registry: a new method is one module plus one line here."""
 from reasonlab.methods.autoregressive import IGNORE, AutoregressiveMethod, ExplicitCoT, MethodParams, NoCoT
+from reasonlab.methods.diffusion import DiffusionMethod
 from reasonlab.methods.qa import AnswerOnly
 
 METHODS = {
     "nocot": NoCoT,
     "cot": ExplicitCoT,
     "qa": AnswerOnly,
+    "diffusion": DiffusionMethod,
 }
 
 

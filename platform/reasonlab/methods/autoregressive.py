@@ -40,6 +40,12 @@ class AutoregressiveMethod:
     def target_text(self, example: Example, eos: str) -> str:
         raise NotImplementedError
 
+    def build_model(self, cfg, tokenizer, max_len: int, device: torch.device):
+        """A causal LM from the `model:` section (or its `pretrained` path): what this method trains."""
+        from reasonlab.models.causal import build_causal_lm
+
+        return build_causal_lm(cfg, len(tokenizer), max_len, tokenizer.eos_token_id, device)
+
     def prompt_text(self, example: Example, eos: str) -> str:
         return f" {example.prompt} {eos}"
 

@@ -85,11 +85,23 @@ class AnswerOnly(AutoregressiveMethod):
                      use_cache=False).logits  # no cache: transformers only isolates packed blocks without one
 
     def loss(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Mean cross-entropy over answer tokens."""
-        logits = self.logits(model, batch)
-        width = logits.shape[1]
-        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:width].flatten(),
-                               ignore_index=IGNORE)
+        """Mean cross-entropy over answer tokens.
+
+        Answers are a few tokens of each question, so the output layer (most of a small model's work
+        with a large vocabulary) runs on the positions that predict them only. Under DDP the wrapped
+        forward must run, so there all logits are computed."""
+        if hasattr(model, "module"):  # DistributedDataParallel
+            logits = self.logits(model, batch)
+            width = logits.shape[1]
+            return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:width].flatten(),
+                                   ignore_index=IGNORE)
+        width = int(batch["attention_mask"].sum(1).max())
+        hidden = model.base_model(input_ids=batch["input_ids"][:, :width],
+                                  position_ids=batch["position_ids"][:, :width], use_cache=False).last_hidden_state
+        labels = batch["labels"][:, 1:width]
+        keep = labels != IGNORE
+        logits = model.get_output_embeddings()(hidden[:, :-1][keep])
+        return F.cross_entropy(logits.float(), labels[keep])
 
     def answer(self, generated: str, eos: str) -> str:
         """The text before the first EOS, whitespace normalized."""

@@ -46,15 +46,16 @@ def causal_config(cfg, vocab_size: int, max_len: int, eos_id: int):
 HEAD_SIZE = 16  # head size when a model is sized by parameter count (EleutherAI's sizing)
 
 
-def size_for_params(cfg, vocab_size: int, max_len: int, eos_id: int) -> tuple[int, int]:
+def size_for_params(cfg, build) -> tuple[int, int]:
     """(d_model, n_head) of the `cfg.n_layer`-layer model whose parameter count is nearest
-    `cfg.n_params`, d_model a multiple of the head size; counted on the meta device."""
+    `cfg.n_params`, d_model a multiple of the head size. `build(model_cfg)` makes the model (causal or
+    diffusion); it is built on the meta device, so no memory is allocated."""
     import dataclasses
 
     def count(d: int) -> int:
         sized = dataclasses.replace(cfg, d_model=d, n_head=d // HEAD_SIZE, d_ff=None)
         with torch.device("meta"):
-            return count_parameters(AutoModelForCausalLM.from_config(causal_config(sized, vocab_size, max_len, eos_id)))
+            return count_parameters(build(sized))
 
     lo, hi = 1, 512  # in head sizes: d_model from 16 to 8192; count grows with d
     while lo < hi:

@@ -163,6 +163,12 @@ class DiffusionTransformer(PreTrainedModel):
             self.adaln_out.zero_init = True
         self.post_init()
 
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embed
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.head
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear):

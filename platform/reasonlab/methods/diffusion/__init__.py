@@ -185,6 +185,14 @@ class DiffusionMethod:
         return {"input_ids": input_ids, "target_mask": target_mask,
                 "attention_mask": np.ones((n, seq_len), dtype=np.int64)}
 
+    # ---- the model ----
+    def build_model(self, cfg, tokenizer, max_len: int, device: torch.device):
+        """A bidirectional diffusion transformer from the `model:` section (or its `pretrained` path)."""
+        from reasonlab.models.diffusion import build_diffusion_lm
+
+        return build_diffusion_lm(cfg, len(tokenizer), max_len, graph=self.graph_name,
+                                  time_conditioning=self.params.time_conditioning, device=device)
+
     # ---- the forward process a model was built for ----
     def graph(self, vocab_size: int) -> Graph:
         return make_graph(self.graph_name, vocab_size, self.params.score_head)

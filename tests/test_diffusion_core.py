@@ -511,3 +511,17 @@ def test_self_consistency_takes_the_most_frequent_answer():
                       seq_len=8, samples=5)
     assert result.predictions[0]["votes"] == ["7", "9", "9", "9", "7"]
     assert result.predictions[0]["predicted"] == "9" and result.accuracy == 1.0
+
+
+def test_diffusion_models_are_sized_by_parameter_count_like_the_causal_ones():
+    from reasonlab.config import ModelConfig
+    from reasonlab.models.causal import count_parameters, size_for_params
+
+    tok = build_tokenizer(make_task(config_from_dict({"task": {"name": "multiplication"}}).task))
+    method = DiffusionMethod(graph="absorbing")
+    cfg = ModelConfig(n_layer=2, n_params=300_000)
+    d, heads = size_for_params(cfg, lambda m: method.build_model(m, tok, 64, torch.device("meta")))
+    n = count_parameters(method.build_model(ModelConfig(n_layer=2, d_model=d, n_head=heads), tok, 64, None))
+    per_head = count_parameters(method.build_model(ModelConfig(n_layer=2, d_model=d + 16, n_head=heads + 1), tok, 64,
+                                                   None)) - n
+    assert d % 16 == 0 and heads == d // 16 and abs(n - 300_000) <= per_head / 2 + 1

@@ -296,7 +296,7 @@ def prepare_run(cfg: Config) -> dict:
     seq_len, max_new_tokens, max_len = run_lengths(cfg, task, method, tokenizer)
     config = cfg.to_dict()
     if cfg.model.n_params:
-        d_model, n_head = size_for_params(cfg.model, lambda m: method.build_model(m, tokenizer, max_len, torch.device("cpu")))
+        d_model, n_head = size_for_params(cfg.model, lambda m: method.build_model(m, tokenizer, max_len, torch.device("meta")))
         config["model"].update(d_model=d_model, n_head=n_head, d_ff=None)
     used = {tokenizer.eos_token_id}
     for ids in tokenizer(list(task.corpus()), add_special_tokens=False)["input_ids"]:

@@ -83,7 +83,13 @@ def test_a_two_size_capacity_sweep_leaves_a_parent_run_with_the_capacity_table_a
     assert [r["capacity_enumerate"] for r in rerun] == [r["capacity_enumerate"] for r in capacity]
 
 
-def test_unknown_trained_or_baseline_runs_fail_before_ray(tmp_path, reasonlab_home):
+@pytest.mark.parametrize("store", ["none yet", "existing"])
+def test_unknown_trained_or_baseline_runs_fail_before_ray(tmp_path, monkeypatch, store):
+    monkeypatch.setenv("REASONLAB_HOME", str(tmp_path / "home"))
+    if store == "existing":  # a store with runs in it, but not the one named
+        (tmp_path / "home").mkdir()
+        client = MlflowClient(f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}")
+        client.create_run(client.create_experiment("reasonlab"))
     for key in ("trained_run: no-such-run", "baselines: [no-such-run]"):
         path = tmp_path / "steps.yaml"
         path.write_text(f"base: {REPO / 'jobs' / 'dot_mult.yaml'}\ngrid: {{eval.steps: [1, 2]}}\n{key}\n")

@@ -37,8 +37,13 @@ def cmd_sweep(args) -> int:
 
     sweep = load_sweep(args.sweep, args.overrides)
     from reasonlab.sweep import run_sweep  # Ray is imported only for a valid sweep
+    from reasonlab.train import TrainingFailed
 
-    parent = run_sweep(sweep)
+    try:
+        parent = run_sweep(sweep)
+    except TrainingFailed as e:  # the model (or a baseline) an eval-only sweep trains first
+        print(f"reasonlab: {e}", file=sys.stderr)
+        return 1
     print(f"\nfinished sweep {sweep.name}: MLflow parent run id {parent} (trials.csv among its artifacts)\n"
           f"  look at it with: reasonlab ui")
     return 0

@@ -146,8 +146,13 @@ class Config:
     job: str = "job"  # the job file's stem, used in run names
 
     def check(self) -> None:
+        from reasonlab.methods import METHODS, is_diffusion
+
         for section in SECTIONS:
             getattr(self, section).check()
+        if self.eval.steps is not None and not is_diffusion(METHODS[self.method.name]):
+            raise ConfigError(f"eval.steps: sampling steps apply to diffusion methods; method.name is "
+                              f"{self.method.name!r}")
         per_step = self.scaling.num_workers * self.train.grad_accum
         if self.train.batch_size % per_step:
             raise ConfigError(

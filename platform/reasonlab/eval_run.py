@@ -14,7 +14,7 @@ import torch
 
 from reasonlab.config import Config
 from reasonlab.evaluate import evaluate
-from reasonlab.methods import make_method
+from reasonlab.methods import is_diffusion, make_method
 from reasonlab.models import count_parameters
 from reasonlab.tasks import make_task
 from reasonlab.tokenizer import load_tokenizer
@@ -39,9 +39,9 @@ def evaluate_trained(cfg: Config, trained_run_id: str, run_name: str, parent_run
         torch.set_num_threads(threads)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     run = DriverRun(cfg, run_name, parent_run_id=parent_run_id)
-    run.client.set_tag(run.run_id, TRAINED_RUN_TAG, trained_run_id)
     status = "FAILED"
     try:
+        run.client.set_tag(run.run_id, TRAINED_RUN_TAG, trained_run_id)
         device = torch.device("cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu")
         task, method = make_task(cfg.task), make_method(cfg.method)
         with tempfile.TemporaryDirectory() as d:
@@ -71,7 +71,7 @@ def evaluate_trained(cfg: Config, trained_run_id: str, run_name: str, parent_run
 
 def _settings(cfg: Config, method) -> str:
     parts = []
-    if hasattr(method, "generate_text"):
+    if is_diffusion(method):
         parts += [f"T={cfg.eval.steps or method.steps}", f"sampler {method.sampler}"]
     if cfg.eval.samples > 1:
         parts.append(f"{cfg.eval.samples} samples voted")

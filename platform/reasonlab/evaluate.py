@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from reasonlab.methods import is_diffusion
 from reasonlab.tasks import Example
 
 
@@ -25,8 +26,8 @@ class EvalResult:
 
 
 @torch.inference_mode()
-def greedy_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
-                  eos_id: int, stop_after: int, generator: torch.Generator | None = None) -> torch.Tensor:
+def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
+           eos_id: int, stop_after: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Greedy continuation of left-padded prompts with the KV cache; row i stops once it has written
     `stop_after` EOS tokens (explicit-CoT targets hold two) and then emits EOS as padding. With a
     `generator`, tokens are sampled from the model's distribution instead (temperature 1)."""
@@ -59,19 +60,19 @@ def autocast_context(device: torch.device, precision: str):
 
 
 def generate_targets(model, tokenizer, method, examples: list[Example], *, max_new_tokens: int, device: torch.device,
-                     seq_len: int | None = None, steps: int | None = None,
-                     generator: torch.Generator | None = None) -> list[str]:
+                     generator: torch.Generator, sample: bool = False, seq_len: int | None = None,
+                     steps: int | None = None) -> list[str]:
     """Each example's generated target as text: token by token for autoregressive methods, in
-    `steps` parallel denoising steps (method.steps by default) for diffusion methods. Greedy unless a
-    `generator` is given, which then draws every random choice."""
-    if hasattr(method, "generate_text"):  # diffusion: the whole target at once, in the training length
-        kwargs = {"greedy": False, "generator": generator} if generator is not None else {}
-        return method.generate_text(model, tokenizer, examples, seq_len, steps=steps, **kwargs)
+    `steps` parallel denoising steps (method.steps by default) for diffusion methods. Greedy unless
+    `sample`; `generator` draws every random choice (diffusion samplers make some even when greedy)."""
+    if is_diffusion(method):  # the whole target at once, in the training length
+        greedy = {"greedy": False} if sample else {}
+        return method.generate_text(model, tokenizer, examples, seq_len, steps=steps, generator=generator, **greedy)
     eos = tokenizer.eos_token
     enc = tokenizer([method.prompt_text(e, eos) for e in examples], add_special_tokens=False, padding=True,
                     padding_side="left", return_tensors="pt", return_token_type_ids=False).to(device)
-    out = greedy_decode(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=max_new_tokens,
-                        eos_id=tokenizer.eos_token_id, stop_after=method.eos_in_target, generator=generator)
+    out = decode(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=max_new_tokens,
+                 eos_id=tokenizer.eos_token_id, stop_after=method.eos_in_target, generator=generator if sample else None)
     return tokenizer.batch_decode(out.tolist(), skip_special_tokens=False)
 
 
@@ -94,10 +95,10 @@ def evaluate(model, tokenizer, method, examples: list[Example], *, batch_size: i
     was_training = model.training
     model.eval()
     eos = tokenizer.eos_token
-    generator = None
-    if samples > 1:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(seed)
+    # every random choice from one seeded generator: evaluations repeat exactly and never move the
+    # training run's random state
+    generator = torch.Generator(device=next(model.parameters()).device)
+    generator.manual_seed(seed)
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt))  # less padding per batch
     outputs: dict[int, list[str]] = {}
     start = time.perf_counter()
@@ -108,8 +109,8 @@ def evaluate(model, tokenizer, method, examples: list[Example], *, batch_size: i
         for _ in range(samples):
             with autocast_context(device, precision):
                 texts = generate_targets(model, tokenizer, method, [examples[i] for i in rows],
-                                         max_new_tokens=max_new_tokens, device=device, seq_len=seq_len, steps=steps,
-                                         generator=generator)
+                                         max_new_tokens=max_new_tokens, device=device, generator=generator,
+                                         sample=samples > 1, seq_len=seq_len, steps=steps)
             for i, text in zip(rows, texts):
                 outputs[i].append(text)
     drawn = {i: [method.answer(text, eos) for text in texts] for i, texts in outputs.items()}
@@ -121,8 +122,10 @@ def evaluate(model, tokenizer, method, examples: list[Example], *, batch_size: i
     for i, example in enumerate(examples):
         ok = answers[i] == " ".join(example.answer.split())
         correct += ok
+        # the text of the first sample that gave the chosen answer
+        shown = outputs[i][drawn[i].index(answers[i])] if answers[i] in drawn[i] else outputs[i][0]
         prediction = {"prompt": example.prompt, "answer": example.answer, "predicted": answers[i],
-                      "correct": bool(ok), "generated": outputs[i][0]}
+                      "correct": bool(ok), "generated": shown}
         if samples > 1:
             prediction["votes"] = drawn[i]
         predictions.append(prediction)

@@ -132,7 +132,9 @@ def log_task_artifacts(client, run_id: str, configs: list) -> None:
 
 
 def _effective_steps(params: dict) -> int | None:
-    for key in ("eval.steps", "method.steps"):
+    from reasonlab.analysis.steps import STEP_KEYS
+
+    for key in STEP_KEYS:
         if params.get(key) not in (None, "None", ""):
             return int(params[key])
     return None
@@ -142,7 +144,9 @@ def steps_rows(client, parent_run_id: str, grid: dict, baselines: dict[str, str]
     """(one row per finished trial of an eval-only sweep, one per baseline run), for steps.csv."""
     children = client.search_runs([client.get_run(parent_run_id).info.experiment_id],
                                   filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
-    others = [k for k in grid if k not in ("eval.steps", "method.steps")]
+    from reasonlab.analysis.steps import STEP_KEYS
+
+    others = [k for k in grid if k not in STEP_KEYS]
     rows = []
     for run in children:
         p, m = run.data.params, run.data.metrics
@@ -160,9 +164,10 @@ def steps_rows(client, parent_run_id: str, grid: dict, baselines: dict[str, str]
         run = client.get_run(run_id)
         p, m = run.data.params, run.data.metrics
         base.append({"kind": "baseline", "run_name": name, "method": p.get("method.name"), "steps": "",
-                     "sampler": "", "samples": p.get("eval.samples"), "series": "", "num_examples": p.get("eval.num_examples"),
-                     "accuracy": m["eval/accuracy"], "examples_per_sec": m.get("eval/examples_per_sec", float("nan")),
-                     "run_id": run_id, "label": f"{p.get('method.name')} ({name})"})
+                     "sampler": "", "samples": p.get("eval.samples"), "series": "",
+                     "num_examples": p.get("eval.num_examples"), "accuracy": m["eval/accuracy"],
+                     "examples_per_sec": m.get("eval/examples_per_sec", float("nan")), "run_id": run_id,
+                     "label": f"{p.get('method.name')} ({name})"})
     return rows, base
 
 
@@ -185,6 +190,7 @@ def steps_analysis(client, parent_run_id: str, grid: dict, baselines: dict[str, 
         client.log_artifact(parent_run_id, str(Path(d) / STEPS_CSV))
         client.log_artifact(parent_run_id, str(Path(d) / STEPS_PNG))
     lines = [f"{'T':>5} {'series':<28} {'accuracy':>9} {'examples/s':>11}"]
-    lines += [f"{r['steps']:>5} {r['series']:<28} {100 * r['accuracy']:>8.1f}% {r['examples_per_sec']:>11.1f}" for r in rows]
+    lines += [f"{r['steps']:>5} {r['series']:<28} {100 * r['accuracy']:>8.1f}% {r['examples_per_sec']:>11.1f}"
+              for r in rows]
     lines += [f"{'':>5} {b['label']:<28} {100 * b['accuracy']:>8.1f}% {b['examples_per_sec']:>11.1f}" for b in base]
     return "\n".join(lines) + f"\n({STEPS_CSV} and {STEPS_PNG} logged to the parent run)\n"

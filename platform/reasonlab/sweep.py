@@ -34,6 +34,7 @@ from reasonlab.config import Config, ConfigError, load_config, read_yaml_mapping
 
 SWEEP_KEYS = {"base", "overrides", "grid", "max_concurrent_trials", "trained_run", "baselines"}
 SAMPLING_KEYS = {"method.sampler", "method.steps", "method.greedy"}  # change generation, not training
+BASELINE_SHARED = ("task.", "eval.", "tracking.", "scaling.")
 TRIAL_CPUS = 0.01  # a Tune trial only drives its trainer; {"CPU": 0} is refused by Tune
 
 
@@ -113,8 +114,12 @@ def _resolve_runs(sweep: Sweep, data: dict, path: Path) -> None:
     if trained is not None and not isinstance(trained, str):
         raise ConfigError(f"{path}: trained_run: expected a run id or run name, got {trained!r}")
     refs = []
+    # a baseline job gets the sweep's task, tracking and scaling overrides, so it answers the same
+    # questions; and its eval settings, except the diffusion steps
+    shared = [o for o in sweep.overrides if o.startswith(BASELINE_SHARED) and not o.startswith("eval.steps=")]
     for ref in baselines:
         job, *job_overrides = ref.split()
+        job_overrides = [*shared, *job_overrides]
         if job.endswith((".yaml", ".yml")):  # a job to train first: "../jobs/x.yaml key=value ..."
             job_path = (path.parent / job).resolve()
             try:
@@ -141,17 +146,23 @@ def _resolve_runs(sweep: Sweep, data: dict, path: Path) -> None:
         if run.info.status != "FINISHED" or not any(a.path == "model" for a in client.list_artifacts(run.info.run_id)):
             raise ConfigError(f"{path}: trained_run: run {trained!r} has no saved model (status {run.info.status}); "
                               f"only finished runs do")
-        for key, value in cfg.flat().items():  # the model must have been trained for this job
-            if key.startswith(("task.", "method.")) and key not in SAMPLING_KEYS:
-                if key in run.data.params and run.data.params[key] != str(value):
-                    raise ConfigError(f"{path}: trained_run: run {trained!r} was trained with {key}="
-                                      f"{run.data.params[key]}, the base job has {value}")
+        _check_trained_for(run, trained, cfg, ("task.", "method."), f"{path}: trained_run")
         sweep.trained_run = run.info.run_id
     for ref in refs:
         run = find_run(client, cfg.tracking.experiment, ref, f"{path}: baselines")
         if "eval/accuracy" not in run.data.metrics:
             raise ConfigError(f"{path}: baselines: run {ref!r} has no eval/accuracy to compare with")
+        _check_trained_for(run, ref, cfg, ("task.",), f"{path}: baselines")
         sweep.baselines[run.info.run_id] = run.info.run_name
+
+
+def _check_trained_for(run, ref: str, cfg: Config, sections: tuple[str, ...], what: str) -> None:
+    """The run was trained on this job's task (and method): same params under `sections`."""
+    for key, value in cfg.flat().items():
+        if key.startswith(sections) and key not in SAMPLING_KEYS and key in run.data.params \
+                and run.data.params[key] != str(value):
+            raise ConfigError(f"{what}: run {ref!r} was trained with {key}={run.data.params[key]}, "
+                              f"the base job has {value}")
 
 
 def run_sweep(sweep: Sweep) -> str:
@@ -161,9 +172,11 @@ def run_sweep(sweep: Sweep) -> str:
     from ray import tune
 
     from reasonlab.studies import log_task_artifacts
-    from reasonlab.tracking import DriverRun, storage_path
+    from reasonlab.tracking import DriverRun, storage_path, tracking_uri
 
     base_cfg = sweep.base_config() if sweep.eval_only else sweep.trial_config(0)
+    # trial actors may not see the driver's environment: they log where the driver does
+    pinned = [f"tracking.uri={tracking_uri(base_cfg)}", f"tracking.storage_path={storage_path(base_cfg)}"]
     sweep_name = f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(2).hex()}"
     parent = DriverRun(base_cfg, sweep_name)
     parent.client.set_tag(parent.run_id, "reasonlab.sweep", sweep.name)
@@ -180,7 +193,7 @@ def run_sweep(sweep: Sweep) -> str:
         if not ray.is_initialized():
             ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level="WARNING")
         plan = _evaluation_trials if sweep.eval_only else _training_trials
-        trial, resources, analyses = plan(sweep, sweep_name, parent, base_cfg)
+        trial, resources, analyses = plan(sweep, sweep_name, parent, base_cfg, pinned)
         tuner = tune.Tuner(
             tune.with_resources(trial, resources),
             param_space={"trial": tune.grid_search(list(range(len(sweep.trials))))},
@@ -204,7 +217,7 @@ def run_sweep(sweep: Sweep) -> str:
     return parent.run_id
 
 
-def _training_trials(sweep: Sweep, sweep_name: str, parent, base_cfg: Config) -> tuple:
+def _training_trials(sweep: Sweep, sweep_name: str, parent, base_cfg: Config, pinned: list[str]) -> tuple:
     """(trial function, its resources, the parent's analyses) when every trial trains a model."""
     import ray
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -212,7 +225,7 @@ def _training_trials(sweep: Sweep, sweep_name: str, parent, base_cfg: Config) ->
     from reasonlab.studies import sweep_analyses
     from reasonlab.train import run_training
 
-    extra = []
+    extra = list(pinned)
     if base_cfg.scaling.cpus_per_worker is None and not base_cfg.scaling.use_gpu:
         # concurrent trials share the CPUs and leave Ray Data one whole CPU, after the trial
         # actors' own share, or its 1-CPU tasks never start (ray_and_mlflow.md §2.3)
@@ -230,7 +243,7 @@ def _training_trials(sweep: Sweep, sweep_name: str, parent, base_cfg: Config) ->
     return trial, {"CPU": TRIAL_CPUS}, lambda: sweep_analyses(parent.client, parent_id)
 
 
-def _evaluation_trials(sweep: Sweep, sweep_name: str, parent, base_cfg: Config) -> tuple:
+def _evaluation_trials(sweep: Sweep, sweep_name: str, parent, base_cfg: Config, pinned: list[str]) -> tuple:
     """Train the base job once (unless `trained_run` names a model) and the baseline jobs; then
     (trial function, its resources, the parent's analyses) where each trial evaluates that model."""
     from ray import tune
@@ -259,7 +272,7 @@ def _evaluation_trials(sweep: Sweep, sweep_name: str, parent, base_cfg: Config) 
 
     def trial(config: dict) -> None:  # one Tune trial: one evaluation, a child MLflow run
         index = config["trial"]
-        cfg = sweep.trial_config(index)
+        cfg = sweep.trial_config(index, pinned)
         tune.report(evaluate_trained(cfg, trained, f"{sweep_name}-t{index}", parent_id, threads=threads))
 
     return trial, resources, lambda: steps_analysis(parent.client, parent_id, sweep.grid, baselines)

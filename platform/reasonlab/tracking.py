@@ -53,15 +53,21 @@ def _experiment_id(client: MlflowClient, name: str, uri: str) -> str:
 
 def find_run(client: MlflowClient, experiment: str, ref: str, what: str):
     """A run by id, or by reasonlab run name in `experiment`; `what` names the reference in errors."""
+    from mlflow.exceptions import MlflowException
+
     try:
         return client.get_run(ref)
-    except Exception:
-        pass
-    exp = client.get_experiment_by_name(experiment)
-    runs = [] if exp is None else client.search_runs(
-        [exp.experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{ref}'", max_results=1)
+    except MlflowException:
+        pass  # not a run id: a run name, then
+    try:
+        exp = client.get_experiment_by_name(experiment)
+        runs = [] if exp is None else client.search_runs(
+            [exp.experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{ref}'", max_results=1)
+    except MlflowException as e:
+        raise ConfigError(f"{what}: cannot look up run {ref!r} at {client.tracking_uri}: {e.message}") from None
     if not runs:
-        raise ConfigError(f"{what}: no run with id or name {ref!r} in experiment {experiment!r} at {client.tracking_uri}")
+        raise ConfigError(f"{what}: no run with id or name {ref!r} in experiment {experiment!r} "
+                          f"at {client.tracking_uri}")
     return runs[0]
 
 

@@ -17,7 +17,8 @@ import torch
 
 from reasonlab.config import Config, ConfigError, config_from_dict
 from reasonlab.evaluate import autocast_context, evaluate
-from reasonlab.methods import example_length, make_method, prompt_length, sequence_length, target_length
+from reasonlab.methods import (example_length, is_diffusion, make_method, prompt_length, sequence_length,
+                               target_length)
 from reasonlab.models import count_parameters
 from reasonlab.models.causal import count_used_parameters, size_for_params
 from reasonlab.tasks import make_task
@@ -86,12 +87,14 @@ def train_loop_per_worker(spec: dict) -> None:
     logger = RunLogger(spec["tracking_uri"], spec["run_id"]) if rank == 0 else None
     say = print if rank == 0 else (lambda *a, **k: None)
     # a diffusion model's extra states (the mask) are used too
-    extra_states = range(len(tokenizer), raw_model.get_input_embeddings().weight.shape[0]) if is_diffusion(method) else []
+    states = raw_model.get_input_embeddings().weight.shape[0]
+    extra_states = range(len(tokenizer), states) if is_diffusion(method) else []
     sizes = {"n_params": count_parameters(raw_model),
              "n_params_used": count_used_parameters(raw_model, [*spec["used_token_ids"], *extra_states])}
     if rank == 0 and not step:
         logger.log_params(sizes)
-        say(f"model: {'diffusion transformer' if is_diffusion(method) else cfg.model.arch}, {cfg.model.n_layer} layers, d_model {cfg.model.d_model}, "
+        kind = "diffusion transformer" if is_diffusion(method) else cfg.model.arch
+        say(f"model: {kind}, {cfg.model.n_layer} layers, d_model {cfg.model.d_model}, "
             f"{sizes['n_params'] / 1e6:.3f}M parameters ({sizes['n_params_used'] / 1e6:.3f}M without "
             f"unused embedding rows), sequence length {spec['seq_len']}")
     eval_sets = {k: v[: cfg.eval.num_examples] for k, v in task.eval_sets("valid").items()}
@@ -196,10 +199,6 @@ def finish_run(model, tokenizer, method, task, cfg: Config, spec: dict, device, 
         logger.log_text(_csv(rows), "capacity.csv")
 
 
-def is_diffusion(method) -> bool:
-    return hasattr(method, "generate_text")
-
-
 def measures_capacity(task, method) -> bool:
     """Capacity needs each fact's teacher-forced answer loss: capacity tasks under autoregressive methods."""
     return hasattr(task, "capacity_questions") and not is_diffusion(method)
@@ -296,7 +295,8 @@ def prepare_run(cfg: Config) -> dict:
     seq_len, max_new_tokens, max_len = run_lengths(cfg, task, method, tokenizer)
     config = cfg.to_dict()
     if cfg.model.n_params:
-        d_model, n_head = size_for_params(cfg.model, lambda m: method.build_model(m, tokenizer, max_len, torch.device("meta")))
+        d_model, n_head = size_for_params(cfg.model,
+                                          lambda m: method.build_model(m, tokenizer, max_len, torch.device("meta")))
         config["model"].update(d_model=d_model, n_head=n_head, d_ff=None)
     used = {tokenizer.eos_token_id}
     for ids in tokenizer(list(task.corpus()), add_special_tokens=False)["input_ids"]:

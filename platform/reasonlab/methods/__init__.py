@@ -15,6 +15,11 @@ def make_method(params):
     return METHODS[params.name](params)
 
 
+def is_diffusion(method) -> bool:
+    """Diffusion methods generate the whole target at once (`generate_text`); the others decode token by token."""
+    return hasattr(method, "generate_text")
+
+
 def _longest(tokenizer, texts: list[str]) -> int:
     return max(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
 
@@ -47,5 +52,5 @@ def target_length(task, method, tokenizer) -> int:
     return _longest(tokenizer, [method.target_text(e, tokenizer.eos_token) for e in examples])
 
 
-__all__ = ["IGNORE", "METHODS", "AutoregressiveMethod", "MethodParams", "example_length", "make_method", "prompt_length", "sequence_length",
-           "target_length"]
+__all__ = ["IGNORE", "METHODS", "AutoregressiveMethod", "MethodParams", "example_length", "is_diffusion", "make_method",
+           "prompt_length", "sequence_length", "target_length"]

@@ -55,6 +55,9 @@ class DiffusionTransformerConfig(PretrainedConfig):
         self.cond_dim = cond_dim
         self.positions = positions
         self.rope_base = rope_base
+        # the head and the embedding have the same shape, but are separate weights (transformers 4
+        # ties such pairs unless told not to)
+        kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(**kwargs)
 
 

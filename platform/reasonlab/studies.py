@@ -160,14 +160,14 @@ def steps_rows(client, parent_run_id: str, grid: dict, baselines: dict[str, str]
                      "run_id": run.info.run_id})
     rows.sort(key=lambda r: (r["series"], r["steps"] or 0))
     base = []
-    for run_id, name in baselines.items():
+    for run_id, label in baselines.items():
         run = client.get_run(run_id)
         p, m = run.data.params, run.data.metrics
-        base.append({"kind": "baseline", "run_name": name, "method": p.get("method.name"), "steps": "",
+        base.append({"kind": "baseline", "run_name": run.info.run_name, "method": p.get("method.name"), "steps": "",
                      "sampler": "", "samples": p.get("eval.samples"), "series": "",
                      "num_examples": p.get("eval.num_examples"), "accuracy": m["eval/accuracy"],
                      "examples_per_sec": m.get("eval/examples_per_sec", float("nan")), "run_id": run_id,
-                     "label": f"{p.get('method.name')} ({name})"})
+                     "label": f"{p.get('method.name')} ({label})"})
     return rows, base
 
 
@@ -189,8 +189,8 @@ def steps_analysis(client, parent_run_id: str, grid: dict, baselines: dict[str, 
         plot_steps(rows, str(Path(d) / STEPS_PNG), base)
         client.log_artifact(parent_run_id, str(Path(d) / STEPS_CSV))
         client.log_artifact(parent_run_id, str(Path(d) / STEPS_PNG))
-    lines = [f"{'T':>5} {'series':<28} {'accuracy':>9} {'examples/s':>11}"]
-    lines += [f"{r['steps']:>5} {r['series']:<28} {100 * r['accuracy']:>8.1f}% {r['examples_per_sec']:>11.1f}"
+    lines = [f"{'T':>5} {'series':<36} {'accuracy':>9} {'examples/s':>11}"]
+    lines += [f"{r['steps']:>5} {r['series']:<36} {100 * r['accuracy']:>8.1f}% {r['examples_per_sec']:>11.1f}"
               for r in rows]
-    lines += [f"{'':>5} {b['label']:<28} {100 * b['accuracy']:>8.1f}% {b['examples_per_sec']:>11.1f}" for b in base]
+    lines += [f"{'':>5} {b['label']:<36} {100 * b['accuracy']:>8.1f}% {b['examples_per_sec']:>11.1f}" for b in base]
     return "\n".join(lines) + f"\n({STEPS_CSV} and {STEPS_PNG} logged to the parent run)\n"

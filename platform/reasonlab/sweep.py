@@ -49,7 +49,8 @@ class Sweep:
     trials: list[list[str]] = field(default_factory=list)  # one override list per trial
     trained_run: str | None = None  # run id of the model an eval-only sweep evaluates
     baselines: dict[str, str] = field(default_factory=dict)  # run id → name, drawn beside the trials
-    baseline_jobs: list[tuple[Path, list[str]]] = field(default_factory=list)  # trained before the trials
+    # (job, overrides, label) of the baselines trained before the trials
+    baseline_jobs: list[tuple[Path, list[str], str]] = field(default_factory=list)
 
     def trial_config(self, index: int, extra: list[str] = ()) -> Config:
         return load_config(self.base, [*self.overrides, *self.trials[index], *extra])
@@ -126,7 +127,7 @@ def _resolve_runs(sweep: Sweep, data: dict, path: Path) -> None:
                 load_config(job_path, job_overrides)
             except ConfigError as e:
                 raise ConfigError(f"{path}: baselines: {ref}: {e}") from None
-            sweep.baseline_jobs.append((job_path, job_overrides))
+            sweep.baseline_jobs.append((job_path, job_overrides, " ".join([job_path.name, *ref.split()[1:]])))
         else:
             refs.append(ref)
     if trained is None and not refs:
@@ -260,10 +261,10 @@ def _evaluation_trials(sweep: Sweep, sweep_name: str, parent, base_cfg: Config, 
         print(f"evaluating the model of run {trained}", flush=True)
     parent.client.set_tag(parent.run_id, TRAINED_RUN_TAG, trained)
     baselines = dict(sweep.baselines)
-    for i, (job, overrides) in enumerate(sweep.baseline_jobs):
-        name = f"{sweep_name}-baseline{i}"
-        print(f"training baseline {job.name} {' '.join(overrides)}".rstrip(), flush=True)
-        baselines[run_training(load_config(job, [*overrides, f"tracking.run_name={name}"])).run_id] = name
+    for i, (job, overrides, label) in enumerate(sweep.baseline_jobs):
+        print(f"training baseline {label}", flush=True)
+        name = f"tracking.run_name={sweep_name}-baseline{i}"
+        baselines[run_training(load_config(job, [*overrides, name])).run_id] = label
     parent_id = parent.run_id
     scaling = base_cfg.scaling
     resources = {"CPU": scaling.cpus_per_worker or 1.0, **({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})}

@@ -92,7 +92,7 @@ class EvalConfig:
     log_predictions: int = 50  # predictions saved with the run
     steps: Optional[int] = None  # diffusion methods: sampling steps T (default: method.steps)
     samples: int = 1  # self-consistency: answers sampled per question, the most frequent one counts
-    seed: int = 0  # seeds the samples drawn when samples > 1
+    seed: int = 0  # seeds every random choice of an evaluation (samples, diffusion samplers)
 
     def check(self) -> None:
         _positive(self, "eval", "num_examples", "test_examples", "batch_size", "samples")

@@ -27,12 +27,11 @@ def evaluate_trained(cfg: Config, trained_run_id: str, run_name: str, parent_run
     """Evaluate the model of run `trained_run_id` with `cfg`'s eval and sampling settings on the
     validation sets; logs params, metrics and predictions into a new run (a child of
     `parent_run_id`) and returns the metrics."""
+    import transformers
     from mlflow.entities import Metric
 
     from reasonlab.tracking import DriverRun
     from reasonlab.train import eval_options, run_lengths
-
-    import transformers
 
     transformers.utils.logging.disable_progress_bar()
     if threads:

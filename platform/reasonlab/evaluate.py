@@ -72,7 +72,8 @@ def generate_targets(model, tokenizer, method, examples: list[Example], *, max_n
     enc = tokenizer([method.prompt_text(e, eos) for e in examples], add_special_tokens=False, padding=True,
                     padding_side="left", return_tensors="pt", return_token_type_ids=False).to(device)
     out = decode(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=max_new_tokens,
-                 eos_id=tokenizer.eos_token_id, stop_after=method.eos_in_target, generator=generator if sample else None)
+                 eos_id=tokenizer.eos_token_id, stop_after=method.eos_in_target,
+                 generator=generator if sample else None)
     return tokenizer.batch_decode(out.tolist(), skip_special_tokens=False)
 
 

@@ -37,6 +37,15 @@ def test_bad_sweep_files_fail_before_ray(tmp_path, text, message):
     assert "Traceback" not in result.stderr and "NO_RAY" in result.stdout
 
 
+def _run_sweep(path, overrides: list[str], home):
+    """`reasonlab sweep PATH OVERRIDES...`, which must succeed → (its output, an MLflow client, the parent run)."""
+    result = reasonlab("sweep", str(path), *overrides)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-4000:]
+    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    return out, client, client.get_run(result.stdout.split("MLflow parent run id ")[1].split()[0])
+
+
 CAPACITY_TINY = ["task.num_profiles=40", "task.relations=2", "task.vocab_size=300", "task.eval_questions=20",
                  "train.max_steps=10", "train.eval_every=10", "train.batch_size=16", "train.warmup_steps=2",
                  "eval.num_examples=20", "eval.test_examples=20", "eval.batch_size=20", "scaling.torch_threads=1"]
@@ -47,12 +56,8 @@ def test_a_two_size_capacity_sweep_leaves_a_parent_run_with_the_capacity_table_a
     path = tmp_path / "two_sizes.yaml"
     path.write_text(f"base: {REPO / 'jobs' / 'capacity.yaml'}\ngrid:\n  model.n_params: [12000, 30000]\n"
                     "max_concurrent_trials: 2\n")
-    result = reasonlab("sweep", str(path), *CAPACITY_TINY)
-    out = result.stdout + result.stderr
-    assert result.returncode == 0, out[-4000:]
-    parent_id = result.stdout.split("MLflow parent run id ")[1].split()[0]
-    client = MlflowClient(f"sqlite:///{reasonlab_home / 'mlflow.db'}")
-    parent = client.get_run(parent_id)
+    _, client, parent = _run_sweep(path, CAPACITY_TINY, reasonlab_home)
+    parent_id = parent.info.run_id
     assert parent.info.status == "FINISHED" and parent.data.tags["reasonlab.sweep"] == "two_sizes"
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
@@ -109,12 +114,8 @@ def test_a_steps_sweep_trains_once_and_evaluates_each_t_in_a_child_run(ray_head,
     path = tmp_path / "steps.yaml"
     path.write_text(f"base: {REPO / 'jobs' / 'dot_mult.yaml'}\ngrid:\n  eval.steps: [1, 2, 4]\n"
                     "max_concurrent_trials: 2\n")
-    result = reasonlab("sweep", str(path), *DOT_TINY)
-    out = result.stdout + result.stderr
-    assert result.returncode == 0, out[-4000:]
-    parent_id = result.stdout.split("MLflow parent run id ")[1].split()[0]
-    client = MlflowClient(f"sqlite:///{reasonlab_home / 'mlflow.db'}")
-    parent = client.get_run(parent_id)
+    out, client, parent = _run_sweep(path, DOT_TINY, reasonlab_home)
+    parent_id = parent.info.run_id
     sweep_name = parent.info.run_name
     # trained once: one training run, one Ray Train run on disk, and every evaluation used its model
     trained = client.search_runs([parent.info.experiment_id],

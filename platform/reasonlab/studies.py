@@ -42,9 +42,9 @@ def capacity_table(client, run_id: str) -> list[dict]:
         run = client.get_run(run_id)
     except Exception:
         raise ConfigError(f"{run_id}: no such MLflow run in {client.tracking_uri}") from None
-    children = client.search_runs([run.info.experiment_id],
-                                  filter_string=f"tags.`mlflow.parentRunId` = '{run_id}'")
-    runs = children or [run]
+    from reasonlab.tracking import child_runs
+
+    runs = child_runs(client, run.info.experiment_id, run_id) or [run]
     rows = []
     for r in runs:
         names = {a.path for a in client.list_artifacts(r.info.run_id)}
@@ -77,7 +77,8 @@ def format_capacity(rows: list[dict], scheme: str) -> str:
             continue
         lines.append(f"{r['num_profiles']:>7} {r['relations']:>3} {r['hops']:>4} {r['n_params_used']:>10,} "
                      f"{r[f'capacity_{scheme}']:>14,.0f} {r[f'ci95_{scheme}']:>8,.0f} "
-                     f"{r[f'dataset_entropy_{scheme}']:>13,.0f} {r[f'bits_per_param_{scheme}']:>10.3f}  {r['run_name']}")
+                     f"{r[f'dataset_entropy_{scheme}']:>13,.0f} {r[f'bits_per_param_{scheme}']:>10.3f}  "
+                     f"{r['run_name']}")
     return "\n".join(lines) + "\n"
 
 
@@ -142,10 +143,10 @@ def _effective_steps(params: dict) -> int | None:
 
 def steps_rows(client, parent_run_id: str, grid: dict, baselines: dict[str, str]) -> tuple[list[dict], list[dict]]:
     """(one row per finished trial of an eval-only sweep, one per baseline run), for steps.csv."""
-    children = client.search_runs([client.get_run(parent_run_id).info.experiment_id],
-                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
     from reasonlab.analysis.steps import STEP_KEYS
+    from reasonlab.tracking import child_runs
 
+    children = child_runs(client, client.get_run(parent_run_id).info.experiment_id, parent_run_id)
     others = [k for k in grid if k not in STEP_KEYS]
     rows = []
     for run in children:

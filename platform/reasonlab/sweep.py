@@ -280,8 +280,9 @@ def _evaluation_trials(sweep: Sweep, sweep_name: str, parent, base_cfg: Config, 
 
 
 def _children(parent) -> list:
-    return parent.client.search_runs([parent.experiment_id],
-                                     filter_string=f"tags.`mlflow.parentRunId` = '{parent.run_id}'")
+    from reasonlab.tracking import child_runs
+
+    return child_runs(parent.client, parent.experiment_id, parent.run_id)
 
 
 def _close_children(parent) -> None:

@@ -51,6 +51,11 @@ def _experiment_id(client: MlflowClient, name: str, uri: str) -> str:
     return client.create_experiment(name, artifact_location=local_artifact_root(uri))
 
 
+def child_runs(client: MlflowClient, experiment_id: str, parent_run_id: str) -> list:
+    """The runs nested under a parent run (a sweep's trials)."""
+    return client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+
+
 def find_run(client: MlflowClient, experiment: str, ref: str, what: str):
     """A run by id, or by reasonlab run name in `experiment`; `what` names the reference in errors."""
     from mlflow.exceptions import MlflowException

@@ -107,6 +107,7 @@ def train_loop_per_worker(spec: dict) -> None:
     window_start, window_tokens, loss_sum, loss_count = _new_window(device)
     started = time.perf_counter()
     first_step = step
+    capacity = None  # the last evaluation's capacity measurement, for capacity tasks
     while step < cfg.train.max_steps:
         for i in range(cfg.train.grad_accum):
             batch = next(batches)
@@ -157,7 +158,8 @@ def train_loop_per_worker(spec: dict) -> None:
                         say(f"{prefix} at step {step}: accuracy {result.accuracy:.4f} on {result.num_examples} "
                             f"held-out examples, {result.examples_per_sec:.1f} examples/s", flush=True)
                     if measures_capacity(task, method):
-                        metrics.update(measure_capacity(raw_model, tokenizer, method, task, cfg, sizes, device)[0])
+                        capacity = measure_capacity(raw_model, tokenizer, method, task, cfg, sizes, device)
+                        metrics.update(capacity[0])
                         say(_capacity_line(metrics, step), flush=True)
                     logger.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step)
                     torch.save({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -168,12 +170,15 @@ def train_loop_per_worker(spec: dict) -> None:
             window_start = time.perf_counter()  # evaluation time is not training throughput
 
     if rank == 0:
-        finish_run(raw_model, tokenizer, method, task, cfg, spec, device, logger, sizes)
+        # the loop's last evaluation is at max_steps: its capacity measurement is the final one
+        finish_run(raw_model, tokenizer, method, task, cfg, spec, device, logger, sizes, capacity)
 
 
-def finish_run(model, tokenizer, method, task, cfg: Config, spec: dict, device, logger, sizes: dict) -> None:
+def finish_run(model, tokenizer, method, task, cfg: Config, spec: dict, device, logger, sizes: dict,
+               capacity: tuple | None = None) -> None:
     """Final test-set evaluation and the run's artifacts: model, tokenizer, predictions, and for
-    capacity tasks the answer losses and the capacity table."""
+    capacity tasks the answer losses and the capacity table (`capacity`: measure_capacity's result
+    for the final model, if the last evaluation logged it)."""
     predictions = []
     for prefix, examples in task.eval_sets("test").items():
         result = evaluate(model, tokenizer, method, examples[: cfg.eval.test_examples], batch_size=cfg.eval.batch_size,
@@ -191,8 +196,10 @@ def finish_run(model, tokenizer, method, task, cfg: Config, spec: dict, device, 
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        metrics, table, rows = measure_capacity(model, tokenizer, method, task, cfg, sizes, device)
-        logger.log_metrics(metrics, cfg.train.max_steps)
+        if capacity is None:
+            capacity = measure_capacity(model, tokenizer, method, task, cfg, sizes, device)
+            logger.log_metrics(capacity[0], cfg.train.max_steps)
+        _, table, rows = capacity
         with tempfile.TemporaryDirectory() as d:
             pq.write_table(pa.table(table), Path(d) / "answer_losses.parquet")
             logger.log_artifacts(d)

@@ -7,14 +7,17 @@ the examples it had not trained on yet.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
-import ray.data
 
 from reasonlab.config import config_from_dict
 from reasonlab.methods import make_method
 from reasonlab.tasks import make_task
 from reasonlab.tokenizer import tokenizer_from_files
+
+if TYPE_CHECKING:
+    import ray.data
 
 BATCH_ROWS = 1024  # examples generated per call; blocks of this size stream to the trainers
 MAX_BLOCKS = 256  # index-range blocks; more only adds scheduling overhead (ray_and_mlflow.md §2.1)
@@ -52,6 +55,8 @@ def _generate(batch: dict[str, np.ndarray], spec: dict, offset: int) -> dict[str
 
 def train_dataset(spec: dict, start: int, stop: int) -> ray.data.Dataset:
     """Examples start..stop-1, generated and tokenized by Ray Data tasks (nothing built on the driver)."""
+    import ray.data  # here, so the encoder above runs without Ray (GPU checks, benchmarks)
+
     n = stop - start
     blocks = max(1, min(MAX_BLOCKS, math.ceil(n / BATCH_ROWS)))
     return ray.data.range(n, override_num_blocks=blocks).map_batches(

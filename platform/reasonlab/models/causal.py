@@ -17,13 +17,13 @@ def attention_implementation(requested: str, device: torch.device) -> str:
 
 
 def build_causal_lm(cfg, vocab_size: int, max_len: int, eos_id: int, device: torch.device) -> PreTrainedModel:
-    """A fresh model of `cfg.arch`, or `cfg.pretrained` loaded from a local path or hub id."""
+    """A fresh model of `cfg.arch`, or `cfg.pretrained` loaded from a local path or hub id, on `device`."""
     attn = attention_implementation(cfg.attention, device)
     if cfg.pretrained:
-        return AutoModelForCausalLM.from_pretrained(cfg.pretrained, attn_implementation=attn)
+        return AutoModelForCausalLM.from_pretrained(cfg.pretrained, attn_implementation=attn).to(device)
     config = causal_config(cfg, vocab_size, max_len, eos_id)
     config._attn_implementation = attn
-    return AutoModelForCausalLM.from_config(config, attn_implementation=attn)
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attn).to(device)
 
 
 def causal_config(cfg, vocab_size: int, max_len: int, eos_id: int):

@@ -22,11 +22,13 @@ import torch
 
 from reasonlab.config import load_config
 from reasonlab.data import encode_range
-from reasonlab.evaluate import autocast_context, evaluate
+from reasonlab.evaluate import evaluate
 from reasonlab.methods import make_method
 from reasonlab.tasks import make_task
 from reasonlab.tokenizer import tokenizer_from_files
 from reasonlab.train import lr_factor, make_optimizer, prepare_run
+
+from common import plain_step  # benchmarks/common.py
 
 
 def pilot(job: str, overrides: list[str], name: str, minutes: float, eval_every: int, eval_examples: int,
@@ -45,13 +47,8 @@ def pilot(job: str, overrides: list[str], name: str, minutes: float, eval_every:
     for step in range(1, cfg.train.max_steps + 1):
         batch = {k: torch.from_numpy(v).to(device, non_blocking=True)
                  for k, v in encode_range(spec, (step - 1) * bs, step * bs).items()}
-        with autocast_context(device, cfg.train.precision):
-            loss = method.loss(model, batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss = plain_step(method, model, batch, optimizer, scheduler, cfg.train.grad_clip, device,
+                          cfg.train.precision)
         last = step == cfg.train.max_steps or time.perf_counter() - start - evaluating > minutes * 60
         if step % eval_every == 0 or last:
             row = {"pilot": name, "step": step, "loss": round(loss.item(), 3),

@@ -28,6 +28,8 @@ from reasonlab.tasks import make_task
 from reasonlab.tokenizer import tokenizer_from_files
 from reasonlab.train import make_optimizer, prepare_run
 
+from common import plain_step  # benchmarks/common.py
+
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense tensor-core FLOP/s (SXM)
 
 # (label, job, overrides, training batch)
@@ -65,12 +67,7 @@ def train_rate(cfg, spec, method, model, batch_size: int, steps: int, precision:
                for i in range(4)]
 
     def step(batch):
-        with autocast_context(device, precision):
-            loss = method.loss(model, batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        plain_step(method, model, batch, optimizer, None, cfg.train.grad_clip, device, precision)
 
     with FlopCounterMode(display=False) as counter:
         step(batches[0])

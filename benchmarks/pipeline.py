@@ -29,6 +29,8 @@ from reasonlab.models import build_causal_lm  # noqa: E402
 from reasonlab.tokenizer import tokenizer_from_files  # noqa: E402
 from reasonlab.train import lr_factor, make_optimizer, prepare_run  # noqa: E402
 
+from common import plain_step  # noqa: E402
+
 WARMUP_STEPS = 20  # excluded from every rate: allocator and thread-pool warmup
 
 
@@ -60,12 +62,7 @@ def plain_loop(cfg, spec: dict, steps: int, threads: int, pregenerated: bool) ->
         if step == WARMUP_STEPS:
             tokens, start = 0, time.perf_counter()
         b = ready[step] if pregenerated else batch(step)
-        loss = method.loss(model, b)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        plain_step(method, model, b, optimizer, scheduler, cfg.train.grad_clip, torch.device("cpu"))
         tokens += int(b["attention_mask"].sum())
     return tokens / (time.perf_counter() - start)
 

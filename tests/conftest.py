@@ -1,11 +1,14 @@
 """One local Ray instance (token authentication on) and one throwaway reasonlab home per test session."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -48,10 +51,12 @@ def ray_head(reasonlab_home):
     env = dict(os.environ, RAY_AUTH_MODE="token", PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
     subprocess.run([ray, "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
     port, dashboard = _free_port(), _free_port()
+    # its own temp dir (short: Ray's socket paths live under it) names this head's processes at teardown
+    temp_dir = tempfile.mkdtemp(prefix="rl-ray-", dir="/tmp")
     subprocess.run(
         [ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-         "--disable-usage-stats"],
+         "--disable-usage-stats", f"--temp-dir={temp_dir}"],
         env=env, check=True, capture_output=True, timeout=180,
     )
     info = {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard}", "env": env}
@@ -59,7 +64,39 @@ def ray_head(reasonlab_home):
     _wait_for_dashboard(dashboard)
     yield info
     os.environ.pop("RAY_ADDRESS", None)
-    subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+    _stop_head(temp_dir)
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _stop_head(temp_dir: str) -> None:
+    """Kill this session's Ray processes only: those whose command line names its temp dir (GCS, raylet,
+    dashboard, agents) and their descendants (workers, which rename themselves). `ray stop` would also
+    stop any other Ray instance on the machine, such as an experiment running while the tests do."""
+    cmdlines, parents = {}, {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                cmdlines[int(entry.name)] = (entry / "cmdline").read_bytes().decode(errors="replace")
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    doomed = {pid for pid, cmd in cmdlines.items() if temp_dir in cmd}
+    while True:  # add children until none is left out
+        more = {pid for pid, ppid in parents.items() if ppid in doomed} - doomed
+        if not more:
+            break
+        doomed |= more
+    for pid in doomed:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.time() + 30
+    while time.time() < deadline and any(_alive(pid) for pid in doomed):
+        time.sleep(0.2)
+
+
+def _alive(pid: int) -> bool:
+    try:  # a zombie (state Z) has exited; its parent has not collected it yet
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def _wait_for_dashboard(port: int, timeout: float = 60) -> None:

@@ -51,12 +51,16 @@ def ray_head(reasonlab_home):
     env = dict(os.environ, RAY_AUTH_MODE="token", PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
     subprocess.run([ray, "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
     port, dashboard = _free_port(), _free_port()
-    # its own temp dir (short: Ray's socket paths live under it) names this head's processes at teardown
+    # its own temp dir (short: Ray's socket paths live under it) names this head's processes at teardown,
+    # and its own ports: another Ray on the machine (an experiment) holds the fixed default ones
     temp_dir = tempfile.mkdtemp(prefix="rl-ray-", dir="/tmp")
+    own_ports = [f"--{name}={_free_port()}" for name in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+        "metrics-export-port", "ray-client-server-port")]
     subprocess.run(
         [ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-         "--disable-usage-stats", f"--temp-dir={temp_dir}"],
+         "--disable-usage-stats", f"--temp-dir={temp_dir}", *own_ports],
         env=env, check=True, capture_output=True, timeout=180,
     )
     info = {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard}", "env": env}

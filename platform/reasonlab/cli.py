@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
-import threading
 
 from reasonlab.config import ConfigError
 
@@ -141,9 +139,6 @@ def main(argv: list[str] | None = None) -> int:
         listed.extend(extra)
     elif extra:
         p.error(f"unrecognized arguments: {' '.join(extra)}")
-    if threading.current_thread() is threading.main_thread():
-        # `kill PID` or a scheduler's stop: close runs as KILLED, as Ctrl-C does, instead of dying mid-write
-        signal.signal(signal.SIGTERM, _interrupt)
     try:
         return args.func(args)
     except ConfigError as e:
@@ -151,10 +146,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("reasonlab: interrupted", file=sys.stderr)
         return 130
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ def evaluate_trained(cfg: Config, trained_run_id: str, run_name: str, parent_run
             tokenizer = load_tokenizer(run.client.download_artifacts(trained_run_id, "tokenizer", d))
             seq_len, max_new_tokens, max_len = run_lengths(cfg, task, method, tokenizer)
             model_cfg = dataclasses.replace(cfg.model, pretrained=path, n_params=None)
-            model = method.build_model(model_cfg, tokenizer, max_len, device).to(device)
+            model = method.build_model(model_cfg, tokenizer, max_len, device)
         run.log_params({"n_params": count_parameters(model)})
         spec = {"max_new_tokens": max_new_tokens, "seq_len": seq_len}
         metrics, predictions = {}, []

@@ -22,11 +22,12 @@ import torch  # noqa: E402
 
 from pipeline import generator_rate  # noqa: E402  (benchmarks/ is the script's folder)
 from reasonlab.data import encode_range  # noqa: E402
+from reasonlab.loop import TrainLoop  # noqa: E402
 from reasonlab.methods import make_method  # noqa: E402
 from reasonlab.models import build_causal_lm  # noqa: E402
 from reasonlab.sweep import load_sweep  # noqa: E402
 from reasonlab.tokenizer import tokenizer_from_files  # noqa: E402
-from reasonlab.train import make_optimizer, prepare_run  # noqa: E402
+from reasonlab.train import prepare_run  # noqa: E402
 
 WARMUP_STEPS = 2
 
@@ -36,18 +37,16 @@ def training_rows_per_sec(cfg, spec: dict, rows: int, steps: int) -> float:
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
     tokenizer = tokenizer_from_files(spec["tokenizer"])
-    method = make_method(cfg.method)
+    method = make_method(cfg.method, cfg)
     model = build_causal_lm(cfg.model, len(tokenizer), spec["max_len"], tokenizer.eos_token_id, torch.device("cpu"))
-    optimizer = make_optimizer(model, cfg.train)
+    loop = TrainLoop(model, method, cfg.train, torch.device("cpu"))
     batches = [{k: torch.from_numpy(v) for k, v in encode_range(spec, s * rows, (s + 1) * rows).items()}
                for s in range(steps)]
     start = None
     for step, batch in enumerate(batches):
         if step == WARMUP_STEPS:
             start = time.perf_counter()
-        method.loss(model, batch).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loop.train_step([batch])
     return rows * (steps - WARMUP_STEPS) / (time.perf_counter() - start)
 
 
@@ -67,7 +66,7 @@ def main() -> None:
     from reasonlab.config import config_from_dict
 
     cfg = config_from_dict(spec["config"], job=cfg.job)  # with the derived width
-    pack = cfg.method.pack if hasattr(cfg.method, "pack") else 1
+    pack = make_method(cfg.method, cfg).examples_per_row
     generated = generator_rate(spec, args.generated) * pack
     consumed = training_rows_per_sec(cfg, spec, args.rows, args.steps) * pack
     result = {"sweep": args.sweep, "task": cfg.to_dict()["task"], "model": cfg.to_dict()["model"],

@@ -19,16 +19,14 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from reasonlab.config import load_config
-from reasonlab.data import encode_range
-from reasonlab.evaluate import autocast_context, evaluate
-from reasonlab.methods import is_diffusion, make_method
-from reasonlab.models import count_parameters
-from reasonlab.tasks import make_task
-from reasonlab.tokenizer import tokenizer_from_files
-from reasonlab.train import make_optimizer, prepare_run
+import dataclasses
 
-from common import plain_step  # benchmarks/common.py
+from reasonlab.config import load_config
+from reasonlab.evaluate import autocast_context, evaluate
+from reasonlab.loop import TrainLoop
+from reasonlab.models import count_parameters
+
+from common import build_run, stream_batch  # benchmarks/common.py
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense tensor-core FLOP/s (SXM)
 
@@ -52,22 +50,16 @@ def peak_flops(device: torch.device) -> float | None:
 
 def setup(job: str, overrides: list[str], device: torch.device):
     cfg = load_config(job, overrides)
-    spec = prepare_run(cfg)
-    tokenizer = tokenizer_from_files(spec["tokenizer"])
-    method, task = make_method(cfg.method), make_task(cfg.task)
-    torch.manual_seed(0)
-    model = method.build_model(cfg.model, tokenizer, spec["max_len"], device)
+    spec, tokenizer, task, method, model = build_run(cfg, device)
     return cfg, spec, tokenizer, method, task, model
 
 
 def train_rate(cfg, spec, method, model, batch_size: int, steps: int, precision: str, device) -> dict:
-    optimizer = make_optimizer(model, cfg.train)
-    batches = [{k: torch.from_numpy(v).to(device) for k, v in encode_range(spec, i * batch_size,
-                                                                           (i + 1) * batch_size).items()}
-               for i in range(4)]
+    loop = TrainLoop(model, method, dataclasses.replace(cfg.train, precision=precision), device)
+    batches = [stream_batch(spec, i, batch_size, device) for i in range(4)]
 
     def step(batch):
-        plain_step(method, model, batch, optimizer, None, cfg.train.grad_clip, device, precision)
+        loop.train_step([batch])
 
     with FlopCounterMode(display=False) as counter:
         step(batches[0])
@@ -88,7 +80,7 @@ def train_rate(cfg, spec, method, model, batch_size: int, steps: int, precision:
 
 def attention_kernels(method, model, spec, device) -> list[str]:
     """Names of the CUDA kernels that ran attention in one bf16 training forward."""
-    batch = {k: torch.from_numpy(v).to(device) for k, v in encode_range(spec, 0, 64).items()}
+    batch = stream_batch(spec, 0, 64, device)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         with autocast_context(device, "bf16"):
             method.loss(model, batch)
@@ -101,7 +93,7 @@ def sampler_rates(cfg, spec, tokenizer, method, task, model, device) -> list[dic
     examples = task.eval_sets("valid")["eval"]
     rows = []
     settings = [{"steps": t, "sampler": s} for s in ("confidence", "analytic") for t in (1, 4, 16, 64)] \
-        if is_diffusion(method) else [{}]
+        if method.decoding == "parallel" else [{}]
     for setting in settings:
         for batch_size, n in ((1, 20), (256, 512)):
             if "sampler" in setting:

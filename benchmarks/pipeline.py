@@ -24,12 +24,11 @@ import torch  # noqa: E402
 
 from reasonlab.config import load_config  # noqa: E402
 from reasonlab.data import encode_range  # noqa: E402
+from reasonlab.loop import TrainLoop  # noqa: E402
 from reasonlab.methods import make_method  # noqa: E402
 from reasonlab.models import build_causal_lm  # noqa: E402
 from reasonlab.tokenizer import tokenizer_from_files  # noqa: E402
-from reasonlab.train import lr_factor, make_optimizer, prepare_run  # noqa: E402
-
-from common import plain_step  # noqa: E402
+from reasonlab.train import prepare_run  # noqa: E402
 
 WARMUP_STEPS = 20  # excluded from every rate: allocator and thread-pool warmup
 
@@ -47,10 +46,9 @@ def plain_loop(cfg, spec: dict, steps: int, threads: int, pregenerated: bool) ->
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.train.seed)
     tokenizer = tokenizer_from_files(spec["tokenizer"])
-    method = make_method(cfg.method)
+    method = make_method(cfg.method, cfg)
     model = build_causal_lm(cfg.model, len(tokenizer), spec["max_len"], tokenizer.eos_token_id, torch.device("cpu"))
-    optimizer = make_optimizer(model, cfg.train)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.train))
+    loop = TrainLoop(model, method, cfg.train, torch.device("cpu"))
     bs = cfg.train.batch_size
 
     def batch(step):
@@ -62,7 +60,7 @@ def plain_loop(cfg, spec: dict, steps: int, threads: int, pregenerated: bool) ->
         if step == WARMUP_STEPS:
             tokens, start = 0, time.perf_counter()
         b = ready[step] if pregenerated else batch(step)
-        plain_step(method, model, b, optimizer, scheduler, cfg.train.grad_clip, torch.device("cpu"))
+        loop.train_step([b])
         tokens += int(b["attention_mask"].sum())
     return tokens / (time.perf_counter() - start)
 

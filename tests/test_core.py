@@ -12,7 +12,7 @@ from reasonlab.methods import IGNORE, make_method, sequence_length, target_lengt
 from reasonlab.models import build_causal_lm, count_parameters
 from reasonlab.tasks import make_task
 from reasonlab.tokenizer import build_tokenizer, load_tokenizer, tokenizer_files, tokenizer_from_files
-from reasonlab.train import lr_factor, make_optimizer
+from reasonlab.loop import TrainLoop, lr_factor
 
 CPU = torch.device("cpu")
 
@@ -129,17 +129,11 @@ def test_a_small_model_learns_two_digit_multiplication_with_cot(mult):
     method = make_method(cfg.method)
     seq_len = sequence_length(task, method, tok)
     model = build_causal_lm(cfg.model, len(tok), seq_len, tok.eos_token_id, CPU)
-    opt = make_optimizer(model, cfg.train)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.train))
+    loop = TrainLoop(model, method, cfg.train, CPU)
     for step in range(cfg.train.max_steps):
         batch = {k: torch.from_numpy(v) for k, v in method.encode(task.examples(step * 64, step * 64 + 64), tok,
                                                                    seq_len).items()}
-        loss = method.loss(model, batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad()
+        loop.train_step([batch])
     result = evaluate(model, tok, method, task.heldout("test")[:300], batch_size=100,
                       max_new_tokens=target_length(task, method, tok) + 4, device=CPU)
     assert result.accuracy >= 0.9, result.predictions[:3]

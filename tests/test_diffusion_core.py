@@ -174,7 +174,7 @@ def _train(model, method, batch, steps: int = 400) -> None:
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 0.1 + 0.45 * (1 + math.cos(math.pi * i / steps)))
     model.train()
     for _ in range(steps):
-        loss = method.loss(model, batch)
+        loss, _ = method.loss(model, batch)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -208,7 +208,7 @@ def test_small_model_memorizes_a_tiny_dataset(memorized):
     accuracy = {}
     for sampler in ("analytic", "euler", "confidence"):
         for steps in (1, 4, n_target, 64):
-            texts = m.method.generate_text(m.model, m.tok, m.examples, m.seq_len, steps=steps, sampler=sampler,
+            texts = m.method.generate_text(m.model, m.tok, m.examples, seq_len=m.seq_len, steps=steps, sampler=sampler,
                                            generator=torch.Generator().manual_seed(0))
             accuracy[sampler, steps] = sum(m.method.answer(text, eos) == " ".join(e.answer.split())
                                            for text, e in zip(texts, m.examples)) / len(m.examples)
@@ -267,7 +267,7 @@ def test_uniform_graph_trains_through_the_method():
     x0 = torch.randint(0, 9, (4, 12))
     batch = {"input_ids": x0, "target_mask": (torch.arange(12) >= 3)[None].expand(4, 12).long()}
     model.train()
-    loss = method.loss(model, batch)
+    loss, _ = method.loss(model, batch)
     loss.backward()
     assert torch.isfinite(loss) and loss > 0
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
@@ -456,7 +456,7 @@ def test_multipass_model_writes_one_thought_per_pass(memorized):
     torch.manual_seed(0)
     model = build_diffusion_lm(_model_cfg(d_model=64), len(tok), memorized.seq_len)
     _train(model, method, batch)
-    texts = method.generate_text(model, tok, examples, memorized.seq_len)
+    texts = method.generate_text(model, tok, examples, seq_len=memorized.seq_len)
     assert texts == [f" {e.cot} #### {e.answer} {eos}" for e in examples]
     assert [method.answer(t, eos) for t in texts] == [e.answer for e in examples]
     # the training stream picks one pass per example, a pure function of the example
@@ -500,8 +500,8 @@ def test_self_consistency_takes_the_most_frequent_answer():
     class Drawn:  # each call "samples" the next answer of a fixed sequence
         eos_in_target, draws = 1, iter(["7", "9", "9", "9", "7"])
 
-        def generate_text(self, model, tokenizer, examples, seq_len, **kwargs):
-            assert kwargs["greedy"] is False and kwargs["generator"] is not None
+        def generate_text(self, model, tokenizer, examples, **kwargs):
+            assert kwargs["sample"] is True and kwargs["generator"] is not None
             return [f" #### {next(self.draws)} <eos>" for _ in examples]
 
         def answer(self, generated, eos):

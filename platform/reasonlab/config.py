@@ -17,9 +17,11 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from reasonlab.errors import ConfigError  # re-exported: `from reasonlab.config import ConfigError`
+from reasonlab.methods import METHODS
+from reasonlab.tasks import TASKS
 
-class ConfigError(ValueError):
-    """A job file or override that cannot be run; the message names the key and what was expected."""
+
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -146,13 +148,9 @@ class Config:
     job: str = "job"  # the job file's stem, used in run names
 
     def check(self) -> None:
-        from reasonlab.methods import METHODS, is_diffusion
-
         for section in SECTIONS:
             getattr(self, section).check()
-        if self.eval.steps is not None and not is_diffusion(METHODS[self.method.name]):
-            raise ConfigError(f"eval.steps: sampling steps apply to diffusion methods; method.name is "
-                              f"{self.method.name!r}")
+        METHODS[self.method.name].check_config(self)  # the method's rules across sections
         per_step = self.scaling.num_workers * self.train.grad_accum
         if self.train.batch_size % per_step:
             raise ConfigError(
@@ -245,9 +243,6 @@ def apply_overrides(data: dict, overrides: list[str]) -> None:
 
 
 def config_from_dict(data: dict, job: str = "job") -> Config:
-    from reasonlab.methods import METHODS
-    from reasonlab.tasks import TASKS
-
     data = dict(data)
     data.pop("job", None)
     unknown = sorted(set(data) - set(SECTIONS))

@@ -30,8 +30,10 @@ def _encoder(spec: dict):
     key = spec["encoder_key"]
     if key not in _encoders:
         cfg = config_from_dict(spec["config"])
-        _encoders[key] = (make_task(cfg.task), make_method(cfg.method),
-                          tokenizer_from_files(spec["tokenizer"]), spec["seq_len"])
+        task, method = make_task(cfg.task), make_method(cfg.method, cfg)
+        tokenizer = tokenizer_from_files(spec["tokenizer"])
+        method.setup(task, tokenizer)
+        _encoders[key] = (task, method, tokenizer, spec["seq_len"])
     return _encoders[key]
 
 
@@ -40,7 +42,8 @@ def encode_range(spec: dict, start: int, stop: int) -> dict[str, np.ndarray]:
     `method.examples_per_row` consecutive examples."""
     task, method, tokenizer, seq_len = _encoder(spec)
     k = method.examples_per_row
-    batch = method.encode(task.examples(start * k, stop * k), tokenizer, seq_len)
+    batch = method.encode(task.examples(start * k, stop * k), tokenizer, seq_len,
+                          indices=np.arange(start * k, stop * k, dtype=np.int64))
     batch["index"] = np.arange(start, stop, dtype=np.int64)
     return batch
 

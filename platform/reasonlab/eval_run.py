@@ -14,7 +14,7 @@ import torch
 
 from reasonlab.config import Config
 from reasonlab.evaluate import evaluate
-from reasonlab.methods import is_diffusion, make_method
+from reasonlab.methods import make_method
 from reasonlab.models import count_parameters
 from reasonlab.tasks import make_task
 from reasonlab.tokenizer import load_tokenizer
@@ -42,7 +42,7 @@ def evaluate_trained(cfg: Config, trained_run_id: str, run_name: str, parent_run
     try:
         run.client.set_tag(run.run_id, TRAINED_RUN_TAG, trained_run_id)
         device = torch.device("cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu")
-        task, method = make_task(cfg.task), make_method(cfg.method)
+        task, method = make_task(cfg.task), make_method(cfg.method, cfg)
         with tempfile.TemporaryDirectory() as d:
             path = run.client.download_artifacts(trained_run_id, "model", d)
             tokenizer = load_tokenizer(run.client.download_artifacts(trained_run_id, "tokenizer", d))
@@ -69,9 +69,7 @@ def evaluate_trained(cfg: Config, trained_run_id: str, run_name: str, parent_run
 
 
 def _settings(cfg: Config, method) -> str:
-    parts = []
-    if is_diffusion(method):
-        parts += [f"T={cfg.eval.steps or method.steps}", f"sampler {method.sampler}"]
+    parts = method.sampling_settings(cfg.eval.steps)
     if cfg.eval.samples > 1:
         parts.append(f"{cfg.eval.samples} samples voted")
     return ", ".join(parts) or "greedy"

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from reasonlab.methods import is_diffusion
 from reasonlab.tasks import Example
 
 
@@ -25,56 +24,10 @@ class EvalResult:
         return {f"{prefix}/accuracy": self.accuracy, f"{prefix}/examples_per_sec": self.examples_per_sec}
 
 
-@torch.inference_mode()
-def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
-           eos_id: int, stop_after: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Greedy continuation of left-padded prompts with the KV cache; row i stops once it has written
-    `stop_after` EOS tokens (explicit-CoT targets hold two) and then emits EOS as padding. With a
-    `generator`, tokens are sampled from the model's distribution instead (temperature 1)."""
-    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True)
-    eos_seen = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
-    generated = []
-    for _ in range(max_new_tokens):
-        logits = out.logits[:, -1]
-        if generator is None:
-            token = logits.argmax(-1)
-        else:
-            token = torch.multinomial(torch.softmax(logits.float(), -1), 1, generator=generator)[:, 0]
-        token = torch.where(eos_seen >= stop_after, torch.full_like(token, eos_id), token)
-        generated.append(token)
-        eos_seen += token == eos_id
-        if bool((eos_seen >= stop_after).all()):
-            break
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], 1)
-        position_ids = position_ids[:, -1:] + 1
-        out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=position_ids,
-                    past_key_values=out.past_key_values, use_cache=True)
-    return torch.stack(generated, 1)
-
-
 def autocast_context(device: torch.device, precision: str):
     if device.type == "cuda" and precision in ("auto", "bf16") and torch.cuda.is_bf16_supported():
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def generate_targets(model, tokenizer, method, examples: list[Example], *, max_new_tokens: int, device: torch.device,
-                     generator: torch.Generator, sample: bool = False, seq_len: int | None = None,
-                     steps: int | None = None) -> list[str]:
-    """Each example's generated target as text: token by token for autoregressive methods, in
-    `steps` parallel denoising steps (method.steps by default) for diffusion methods. Greedy unless
-    `sample`; `generator` draws every random choice (diffusion samplers make some even when greedy)."""
-    if is_diffusion(method):  # the whole target at once, in the training length
-        greedy = {"greedy": False} if sample else {}
-        return method.generate_text(model, tokenizer, examples, seq_len, steps=steps, generator=generator, **greedy)
-    eos = tokenizer.eos_token
-    enc = tokenizer([method.prompt_text(e, eos) for e in examples], add_special_tokens=False, padding=True,
-                    padding_side="left", return_tensors="pt", return_token_type_ids=False).to(device)
-    out = decode(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=max_new_tokens,
-                 eos_id=tokenizer.eos_token_id, stop_after=method.eos_in_target,
-                 generator=generator if sample else None)
-    return tokenizer.batch_decode(out.tolist(), skip_special_tokens=False)
 
 
 def vote(answers: list[str]) -> str:
@@ -109,9 +62,9 @@ def evaluate(model, tokenizer, method, examples: list[Example], *, batch_size: i
             outputs[i] = []
         for _ in range(samples):
             with autocast_context(device, precision):
-                texts = generate_targets(model, tokenizer, method, [examples[i] for i in rows],
-                                         max_new_tokens=max_new_tokens, device=device, generator=generator,
-                                         sample=samples > 1, seq_len=seq_len, steps=steps)
+                texts = method.generate_text(model, tokenizer, [examples[i] for i in rows],
+                                             max_new_tokens=max_new_tokens, seq_len=seq_len, device=device,
+                                             generator=generator, sample=samples > 1, steps=steps)
             for i, text in zip(rows, texts):
                 outputs[i].append(text)
     drawn = {i: [method.answer(text, eos) for text in texts] for i, texts in outputs.items()}

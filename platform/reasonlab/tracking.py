@@ -140,3 +140,8 @@ class RunLogger:
 
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
+
+    def metric_history(self) -> dict[str, list[tuple[int, float]]]:
+        """Every metric of the run as (step, value) pairs, from the store: a resumed run's whole course."""
+        keys = self.client.get_run(self.run_id).data.metrics
+        return {k: [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, k)] for k in keys}

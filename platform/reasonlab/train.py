@@ -1,10 +1,8 @@
 """The per-worker training loop and the TorchTrainer around it (Ray Train V2)."""
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import math
 import os
 import pickle
 import sys
@@ -16,9 +14,9 @@ from pathlib import Path
 import torch
 
 from reasonlab.config import Config, ConfigError, config_from_dict
-from reasonlab.evaluate import autocast_context, evaluate
-from reasonlab.methods import (example_length, is_diffusion, make_method, prompt_length, sequence_length,
-                               target_length)
+from reasonlab.evaluate import evaluate
+from reasonlab.loop import TrainLoop
+from reasonlab.methods import example_length, make_method, prompt_length, sequence_length, target_length
 from reasonlab.models import count_parameters
 from reasonlab.models.causal import count_used_parameters, size_for_params
 from reasonlab.tasks import make_task
@@ -31,26 +29,8 @@ CHECKPOINT_FILE = "state.pt"
 # Worker side
 
 
-def lr_factor(step: int, cfg) -> float:
-    """Linear warmup, then cosine decay to min_lr_ratio at max_steps (or constant)."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "constant":
-        return 1.0
-    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
-    """AdamW; no weight decay on biases, norms and other 1-d parameters."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                             fused=torch.cuda.is_available())
-
-
 def train_loop_per_worker(spec: dict) -> None:
+    """Ray glue around the core's TrainLoop: the dataset shard, DDP, checkpoints, reports and logging."""
     import ray.train
     import ray.train.torch
     import transformers
@@ -66,83 +46,61 @@ def train_loop_per_worker(spec: dict) -> None:
     torch.manual_seed(cfg.train.seed)
     device = ray.train.torch.get_device()
     tokenizer = tokenizer_from_files(spec["tokenizer"])
-    task, method = make_task(cfg.task), make_method(cfg.method)
+    task, method = make_task(cfg.task), make_method(cfg.method, cfg)
+    method.setup(task, tokenizer)
     model = method.build_model(cfg.model, tokenizer, spec["max_len"], device)
-    optimizer = make_optimizer(model, cfg.train)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.train))
-
-    step = 0
+    loop = TrainLoop(model, method, cfg.train, device, wrap=ray.train.torch.prepare_model)  # DDP across workers
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
-            state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
-        step = state["step"]
-    model = ray.train.torch.prepare_model(model)  # DDP across workers, moved to the device
-    raw_model = getattr(model, "module", model)
+            loop.load_state_dict(torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=False))
+    step = loop.step
 
     logger = RunLogger(spec["tracking_uri"], spec["run_id"]) if rank == 0 else None
     say = print if rank == 0 else (lambda *a, **k: None)
-    # a diffusion model's extra states (the mask) are used too
-    states = raw_model.get_input_embeddings().weight.shape[0]
-    extra_states = range(len(tokenizer), states) if is_diffusion(method) else []
-    sizes = {"n_params": count_parameters(raw_model),
-             "n_params_used": count_used_parameters(raw_model, [*spec["used_token_ids"], *extra_states])}
+    sizes = {"n_params": count_parameters(model),
+             "n_params_used": count_used_parameters(model, [*spec["used_token_ids"],
+                                                            *method.extra_state_ids(tokenizer, model)])}
     if rank == 0 and not step:
         logger.log_params(sizes)
-        kind = "diffusion transformer" if is_diffusion(method) else cfg.model.arch
-        say(f"model: {kind}, {cfg.model.n_layer} layers, d_model {cfg.model.d_model}, "
+        say(f"model: {method.model_kind or cfg.model.arch}, {cfg.model.n_layer} layers, d_model {cfg.model.d_model}, "
             f"{sizes['n_params'] / 1e6:.3f}M parameters ({sizes['n_params_used'] / 1e6:.3f}M without "
             f"unused embedding rows), sequence length {spec['seq_len']}")
     eval_sets = {k: v[: cfg.eval.num_examples] for k, v in task.eval_sets("valid").items()}
 
-    micro = cfg.micro_batch_size
     batches = iter(ray.train.get_dataset_shard("train").iter_torch_batches(
-        batch_size=micro, dtypes=torch.long, prefetch_batches=4, drop_last=True))
-    cast = autocast_context(device, cfg.train.precision)
-    model.train()
+        batch_size=cfg.micro_batch_size, dtypes=torch.long, prefetch_batches=4, drop_last=True))
     window_start, window_tokens, loss_sum, loss_count = _new_window(device)
     started = time.perf_counter()
     first_step = step
     capacity = None  # the last evaluation's capacity measurement, for capacity tasks
     while step < cfg.train.max_steps:
-        for i in range(cfg.train.grad_accum):
-            batch = next(batches)
-            if step == first_step and i == 0:
-                first_index = int(batch["index"].min())
-                if first_index < step * cfg.train.batch_size:
-                    raise RuntimeError(f"the data stream starts at example {first_index}, before step {step}'s "
-                                       f"examples; it would train on them twice")
-                if step:
-                    say(f"resumed from the checkpoint at step {step}; first example index {first_index}", flush=True)
-            last = i == cfg.train.grad_accum - 1
-            sync = contextlib.nullcontext() if (last or world == 1) else model.no_sync()
-            with sync, cast:
-                loss = method.loss(model, batch)
-            (loss / cfg.train.grad_accum).backward()
-            loss_sum += loss.detach()
-            loss_count += 1
+        micro = [next(batches) for _ in range(cfg.train.grad_accum)]
+        if step == first_step:
+            first_index = int(micro[0]["index"].min())
+            if first_index < step * cfg.train.batch_size:
+                raise RuntimeError(f"the data stream starts at example {first_index}, before step {step}'s "
+                                   f"examples; it would train on them twice")
+            if step:
+                say(f"resumed from the checkpoint at step {step}; first example index {first_index}", flush=True)
+        loss, _ = loop.train_step(micro)
+        step = loop.step
+        loss_sum += loss
+        loss_count += 1
+        for batch in micro:
             window_tokens += batch["attention_mask"].sum()
-        if cfg.train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
 
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
             tokens = _all_reduce_sum(window_tokens, world)
             elapsed = time.perf_counter() - window_start
-            metrics = {"train/loss": loss_sum.item() / loss_count, "train/lr": scheduler.get_last_lr()[0],
-                       "train/tokens_per_sec": tokens / elapsed}
+            metrics = {"train/loss": loss_sum.item() / loss_count, "train/lr": loop.lr,
+                       "train/tokens_per_sec": tokens / elapsed, **method.step_metrics(step)}
             if rank == 0:
                 logger.log_metrics(metrics, step)
                 rate = (step - first_step) / (time.perf_counter() - started)
+                extra = "".join(f"  {k.rpartition('/')[2]} {v:g}" for k, v in method.step_metrics(step).items())
                 say(f"step {step}/{cfg.train.max_steps}  loss {metrics['train/loss']:.4f}  "
-                    f"lr {metrics['train/lr']:.2e}  {metrics['train/tokens_per_sec'] / 1e3:.1f}k tok/s  "
+                    f"lr {metrics['train/lr']:.2e}  {metrics['train/tokens_per_sec'] / 1e3:.1f}k tok/s{extra}  "
                     f"eta {_duration((cfg.train.max_steps - step) / rate)}", flush=True)
             window_start, window_tokens, loss_sum, loss_count = _new_window(device)
 
@@ -152,26 +110,24 @@ def train_loop_per_worker(spec: dict) -> None:
                 ckpt = None
                 if rank == 0:
                     for prefix, examples in eval_sets.items():
-                        result = evaluate(raw_model, tokenizer, method, examples, batch_size=cfg.eval.batch_size,
+                        result = evaluate(model, tokenizer, method, examples, batch_size=cfg.eval.batch_size,
                                           **eval_options(cfg, spec), device=device)
                         metrics.update(result.metrics(prefix))
                         say(f"{prefix} at step {step}: accuracy {result.accuracy:.4f} on {result.num_examples} "
                             f"held-out examples, {result.examples_per_sec:.1f} examples/s", flush=True)
                     if measures_capacity(task, method):
-                        capacity = measure_capacity(raw_model, tokenizer, method, task, cfg, sizes, device)
+                        capacity = measure_capacity(model, tokenizer, method, task, cfg, sizes, device)
                         metrics.update(capacity[0])
                         say(_capacity_line(metrics, step), flush=True)
                     logger.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step)
-                    torch.save({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                                "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
-                                "step": step}, Path(d) / CHECKPOINT_FILE)
+                    torch.save(loop.state_dict(), Path(d) / CHECKPOINT_FILE)
                     ckpt = ray.train.Checkpoint.from_directory(d)
                 ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=checkpoint_dir_name(step))
             window_start = time.perf_counter()  # evaluation time is not training throughput
 
     if rank == 0:
         # the loop's last evaluation is at max_steps: its capacity measurement is the final one
-        finish_run(raw_model, tokenizer, method, task, cfg, spec, device, logger, sizes, capacity)
+        finish_run(model, tokenizer, method, task, cfg, spec, device, logger, sizes, capacity)
 
 
 def finish_run(model, tokenizer, method, task, cfg: Config, spec: dict, device, logger, sizes: dict,
@@ -188,10 +144,14 @@ def finish_run(model, tokenizer, method, task, cfg: Config, spec: dict, device, 
               f"{result.examples_per_sec:.1f} examples/s (batch size {cfg.eval.batch_size})", flush=True)
         predictions += [{"set": prefix, **p} for p in result.predictions[: cfg.eval.log_predictions]]
     with tempfile.TemporaryDirectory() as d:
-        model.save_pretrained(d)
+        method.save(model, d)
         tokenizer.save_pretrained(d)
         logger.log_artifacts(d, "model")
     logger.log_text("".join(json.dumps(p) + "\n" for p in predictions), "predictions.jsonl")
+    with tempfile.TemporaryDirectory() as d:
+        method.finish(logger.metric_history(), d)  # e.g. internalization.png
+        if any(Path(d).iterdir()):
+            logger.log_artifacts(d)
     if measures_capacity(task, method):
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -208,7 +168,7 @@ def finish_run(model, tokenizer, method, task, cfg: Config, spec: dict, device, 
 
 def measures_capacity(task, method) -> bool:
     """Capacity needs each fact's teacher-forced answer loss: capacity tasks under autoregressive methods."""
-    return hasattr(task, "capacity_questions") and not is_diffusion(method)
+    return task.measures_capacity and method.teacher_forced
 
 
 def eval_options(cfg: Config, spec: dict) -> dict:
@@ -294,7 +254,7 @@ class TrainOutcome:
 
 def prepare_run(cfg: Config) -> dict:
     """Everything the workers need that the driver computes once: tokenizer, lengths."""
-    task, method = make_task(cfg.task), make_method(cfg.method)
+    task, method = make_task(cfg.task), make_method(cfg.method, cfg)
     if cfg.model.pretrained and _has_tokenizer(cfg.model.pretrained):
         tokenizer = load_tokenizer(cfg.model.pretrained)
     else:

@@ -1,23 +1,22 @@
 """Method registry: a new method is one module plus one line here."""
-from reasonlab.methods.autoregressive import IGNORE, AutoregressiveMethod, ExplicitCoT, MethodParams, NoCoT
+from reasonlab.methods.autoregressive import AutoregressiveMethod, ExplicitCoT, NoCoT
+from reasonlab.methods.base import IGNORE, Method, MethodParams
 from reasonlab.methods.diffusion import DiffusionMethod
+from reasonlab.methods.internalize import StepwiseInternalization
 from reasonlab.methods.qa import AnswerOnly
 
-METHODS = {
+METHODS: dict[str, type[Method]] = {
     "nocot": NoCoT,
     "cot": ExplicitCoT,
     "qa": AnswerOnly,
     "diffusion": DiffusionMethod,
+    "internalize": StepwiseInternalization,
 }
 
 
-def make_method(params):
-    return METHODS[params.name](params)
-
-
-def is_diffusion(method) -> bool:
-    """Diffusion methods generate the whole target at once (`generate_text`); the others decode token by token."""
-    return hasattr(method, "generate_text")
+def make_method(params, cfg=None) -> Method:
+    """The method of a job's `method:` section; `cfg` (the whole job) for schedules counted in steps."""
+    return METHODS[params.name](params, cfg)
 
 
 def _longest(tokenizer, texts: list[str]) -> int:
@@ -52,5 +51,5 @@ def target_length(task, method, tokenizer) -> int:
     return _longest(tokenizer, [method.target_text(e, tokenizer.eos_token) for e in examples])
 
 
-__all__ = ["IGNORE", "METHODS", "AutoregressiveMethod", "MethodParams", "example_length", "is_diffusion", "make_method",
+__all__ = ["IGNORE", "METHODS", "AutoregressiveMethod", "Method", "MethodParams", "example_length", "make_method",
            "prompt_length", "sequence_length", "target_length"]

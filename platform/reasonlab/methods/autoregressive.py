@@ -6,56 +6,58 @@ reproduces their token ids exactly.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from reasonlab.methods.base import IGNORE, Method
 from reasonlab.tasks import Example
 
-IGNORE = -100
+
+@torch.inference_mode()
+def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
+           eos_id: int, stop_after: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Greedy continuation of left-padded prompts with the KV cache; row i stops once it has written
+    `stop_after` EOS tokens (explicit-CoT targets hold two) and then emits EOS as padding. With a
+    `generator`, tokens are sampled from the model's distribution instead (temperature 1)."""
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True)
+    eos_seen = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+    generated = []
+    for _ in range(max_new_tokens):
+        logits = out.logits[:, -1]
+        if generator is None:
+            token = logits.argmax(-1)
+        else:
+            token = torch.multinomial(torch.softmax(logits.float(), -1), 1, generator=generator)[:, 0]
+        token = torch.where(eos_seen >= stop_after, torch.full_like(token, eos_id), token)
+        generated.append(token)
+        eos_seen += token == eos_id
+        if bool((eos_seen >= stop_after).all()):
+            break
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], 1)
+        position_ids = position_ids[:, -1:] + 1
+        out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=position_ids,
+                    past_key_values=out.past_key_values, use_cache=True)
+    return torch.stack(generated, 1)
 
 
-@dataclass
-class MethodParams:
-    """A method's section of the job file; methods with options subclass it."""
-    name: str = "cot"
+class AutoregressiveMethod(Method):
+    """Base of `nocot`, `cot` and the methods built on them: subclasses say what the target text is."""
 
-    def check(self) -> None:
-        pass
-
-
-class AutoregressiveMethod:
-    """Base of `nocot` and `cot`: subclasses say what the target text is."""
-
-    Params = MethodParams
-    name = ""
-    eos_in_target = 1  # decoding stops after this many EOS tokens
-    examples_per_row = 1  # examples packed into one training row
-
-    def __init__(self, params: MethodParams | None = None) -> None:
-        self.params = params or self.Params(name=self.name)
-
-    def target_text(self, example: Example, eos: str) -> str:
-        raise NotImplementedError
-
-    def build_model(self, cfg, tokenizer, max_len: int, device: torch.device):
-        """A causal LM from the `model:` section (or its `pretrained` path): what this method trains."""
-        from reasonlab.models.causal import build_causal_lm
-
-        return build_causal_lm(cfg, len(tokenizer), max_len, tokenizer.eos_token_id, device)
-
-    def prompt_text(self, example: Example, eos: str) -> str:
-        return f" {example.prompt} {eos}"
-
-    def encode(self, examples: list[Example], tokenizer, seq_len: int) -> dict[str, np.ndarray]:
+    def encode(self, examples: list[Example], tokenizer, seq_len: int, indices=None) -> dict[str, np.ndarray]:
         """Token ids, labels (−100 outside the target), attention mask; right-padded to seq_len."""
         eos = tokenizer.eos_token
         texts = [self.prompt_text(e, eos) + self.target_text(e, eos) for e in examples]
-        encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return self.pad_rows(tokenizer(texts, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id,
+                             seq_len)
+
+    @staticmethod
+    def pad_rows(encoded: list[list[int]], eos_id: int, seq_len: int) -> dict[str, np.ndarray]:
+        """Rows of ` prompt <eos> target` token ids → right-padded ids, labels on everything after the
+        first EOS, attention mask."""
         n = len(encoded)
-        input_ids = np.full((n, seq_len), tokenizer.eos_token_id, dtype=np.int64)
+        input_ids = np.full((n, seq_len), eos_id, dtype=np.int64)
         labels = np.full((n, seq_len), IGNORE, dtype=np.int64)
         mask = np.zeros((n, seq_len), dtype=np.int64)
         for row, ids in enumerate(encoded):
@@ -63,26 +65,30 @@ class AutoregressiveMethod:
             length = len(ids)
             input_ids[row, :length] = ids
             mask[row, :length] = 1
-            start = ids.index(tokenizer.eos_token_id) + 1  # the target starts after the prompt's EOS
+            start = ids.index(eos_id) + 1  # the target starts after the prompt's EOS
             labels[row, start:length] = ids[start:]
         return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
 
-    def loss(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def loss(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         """Mean cross-entropy over target tokens (labels shifted by one)."""
         width = int(batch["attention_mask"].sum(1).max())  # drop all-padding columns
         logits = model(input_ids=batch["input_ids"][:, :width],
                        attention_mask=batch["attention_mask"][:, :width]).logits
-        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:width].flatten(),
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:width].flatten(),
                                ignore_index=IGNORE)
+        return loss, {}
 
-    def answer(self, generated: str, eos: str) -> str:
-        """The answer in a decoded target: the text after the last `####` of the part before the
-        final EOS, commas stripped, whitespace normalized."""
-        parts = generated.split(eos)
-        body = parts[self.eos_in_target - 1] if len(parts) >= self.eos_in_target else generated
-        if "####" not in body:
-            return ""
-        return " ".join(body.rpartition("####")[2].replace(",", "").split())
+    def generate_text(self, model, tokenizer, examples: list[Example], *, max_new_tokens: int, seq_len: int | None,
+                      device: torch.device, generator: torch.Generator, sample: bool = False,
+                      steps: int | None = None) -> list[str]:
+        """Token by token from the left-padded prompts, with the KV cache."""
+        eos = tokenizer.eos_token
+        enc = tokenizer([self.prompt_text(e, eos) for e in examples], add_special_tokens=False, padding=True,
+                        padding_side="left", return_tensors="pt", return_token_type_ids=False).to(device)
+        out = decode(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=max_new_tokens,
+                     eos_id=tokenizer.eos_token_id, stop_after=self.eos_in_target,
+                     generator=generator if sample else None)
+        return tokenizer.batch_decode(out.tolist(), skip_special_tokens=False)
 
 
 class NoCoT(AutoregressiveMethod):
@@ -95,6 +101,7 @@ class NoCoT(AutoregressiveMethod):
 
 class ExplicitCoT(AutoregressiveMethod):
     name = "cot"
+    needs_cot = True
     eos_in_target = 2
 
     def target_text(self, example: Example, eos: str) -> str:

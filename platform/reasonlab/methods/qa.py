@@ -16,8 +16,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from reasonlab.config import ConfigError
-from reasonlab.methods.autoregressive import IGNORE, AutoregressiveMethod, MethodParams
+from reasonlab.errors import ConfigError
+from reasonlab.methods.autoregressive import AutoregressiveMethod
+from reasonlab.methods.base import IGNORE, MethodParams
 from reasonlab.tasks import Example
 
 
@@ -46,7 +47,7 @@ class AnswerOnly(AutoregressiveMethod):
     def target_text(self, example: Example, eos: str) -> str:
         return f" {example.answer}{eos}"
 
-    def encode(self, examples: list[Example], tokenizer, seq_len: int) -> dict[str, np.ndarray]:
+    def encode(self, examples: list[Example], tokenizer, seq_len: int, indices=None) -> dict[str, np.ndarray]:
         """Rows of `pack` consecutive questions: input ids, labels on answers, per-question positions,
         and a mask of the real (non-padding) tokens."""
         eos = tokenizer.eos_token
@@ -84,24 +85,19 @@ class AnswerOnly(AutoregressiveMethod):
         return model(input_ids=batch["input_ids"][:, :width], position_ids=batch["position_ids"][:, :width],
                      use_cache=False).logits  # no cache: transformers only isolates packed blocks without one
 
-    def loss(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def loss(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         """Mean cross-entropy over answer tokens.
 
         Answers are a few tokens of each question, so the output layer (most of a small model's work
-        with a large vocabulary) runs on the positions that predict them only. Under DDP the wrapped
-        forward must run, so there all logits are computed."""
-        if hasattr(model, "module"):  # DistributedDataParallel
-            logits = self.logits(model, batch)
-            width = logits.shape[1]
-            return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:width].flatten(),
-                                   ignore_index=IGNORE)
+        with a large vocabulary) runs on the positions that predict them only. This runs inside the
+        module DDP wraps (loop.MethodModule), so calling the model's parts directly is safe there too."""
         width = int(batch["attention_mask"].sum(1).max())
         hidden = model.base_model(input_ids=batch["input_ids"][:, :width],
                                   position_ids=batch["position_ids"][:, :width], use_cache=False).last_hidden_state
         labels = batch["labels"][:, 1:width]
         keep = labels != IGNORE
         logits = model.get_output_embeddings()(hidden[:, :-1][keep])
-        return F.cross_entropy(logits.float(), labels[keep])
+        return F.cross_entropy(logits.float(), labels[keep]), {}
 
     def answer(self, generated: str, eos: str) -> str:
         """The text before the first EOS, whitespace normalized."""

@@ -38,6 +38,8 @@ class Task:
     """
 
     Params: ClassVar[type]
+    has_cot: ClassVar[bool] = True  # examples carry a chain of thought (methods that train on it check this)
+    measures_capacity: ClassVar[bool] = False  # provides `capacity_questions` for the capacity analysis
 
     def __init__(self, params) -> None:
         self.params = params

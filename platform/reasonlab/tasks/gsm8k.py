@@ -8,7 +8,7 @@ from typing import Optional
 
 import numpy as np
 
-from reasonlab.config import ConfigError
+from reasonlab.errors import ConfigError
 from reasonlab.tasks.base import Example, Task, counter_hash, parse_line, read_lines
 
 

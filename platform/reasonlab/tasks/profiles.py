@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from reasonlab.config import ConfigError
+from reasonlab.errors import ConfigError
 from reasonlab.tasks.base import Example, Task, counter_hash
 
 ATTRIBUTES = ("birth_date", "birth_city", "university", "employer")
@@ -285,6 +285,8 @@ def build_heldout(p: ProfilesParams, profiles: Profiles) -> HeldOut:
 
 class ProfilesQATask(Task):
     Params = ProfilesParams
+    has_cot = False  # questions and answers only
+    measures_capacity = True
     _MAX_REDRAWS = 200
 
     @functools.cached_property

@@ -26,7 +26,8 @@ from typing import Literal, Optional
 import numpy as np
 import torch
 
-from reasonlab.methods.autoregressive import AutoregressiveMethod
+from reasonlab.errors import ConfigError
+from reasonlab.methods.base import Method
 from reasonlab.methods.diffusion.graph import Absorbing, Graph, Uniform, make_graph
 from reasonlab.methods.diffusion.loss import diffusion_loss
 from reasonlab.methods.diffusion.sampler import sample
@@ -94,7 +95,7 @@ class DiffusionParams:
     time_conditioning: Optional[bool] = None  # for build_diffusion_lm; default off for absorbing, on for uniform
 
     def check(self) -> None:
-        from reasonlab.config import ConfigError
+        from reasonlab.errors import ConfigError
 
         for key, allowed in (("graph", ("absorbing", "uniform")), ("schedule", (None, "loglinear", "geometric")),
                              ("target", ("cot", "answer")), ("sampler", ("analytic", "euler", "confidence")),
@@ -116,16 +117,18 @@ class DiffusionParams:
             raise ConfigError("method.time_conditioning: the uniform graph's score depends on σ(t); it cannot be off")
 
 
-class DiffusionMethod:
+class DiffusionMethod(Method):
     """Masked (absorbing) or uniform discrete diffusion over the target; see the module docstring."""
 
     Params = DiffusionParams
     name = "diffusion"
-    examples_per_row = 1
+    decoding = "parallel"
+    teacher_forced = False  # a target's likelihood is a bound here, not the sum of token losses
+    model_kind = "diffusion transformer"
 
-    def __init__(self, params: DiffusionParams | None = None, **options) -> None:
+    def __init__(self, params: DiffusionParams | None = None, cfg=None, **options) -> None:
         """`DiffusionMethod(params)` from a job file, or `DiffusionMethod(graph="uniform", steps=32)`."""
-        self.params = params if params is not None else DiffusionParams(**options)
+        super().__init__(params if params is not None else DiffusionParams(**options), cfg)
         self.params.check()
         p = self.params
         self.graph_name, self.target, self.sampler, self.steps = p.graph, p.target, p.sampler, p.steps
@@ -135,10 +138,16 @@ class DiffusionMethod:
         # decoded targets hold two EOS with the chain written out in one pass, one otherwise
         self.eos_in_target = 2 if p.target == "cot" and not p.multipass else 1
 
-    # ---- texts: the autoregressive methods' conventions ----
-    def prompt_text(self, example: Example, eos: str) -> str:
-        return f" {example.prompt} {eos}"
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        from reasonlab.tasks import TASKS
 
+        super().check_config(cfg)
+        if cfg.method.target == "cot" and not TASKS[cfg.task.name].has_cot:
+            raise ConfigError(f"method.target: 'cot' diffuses a chain of thought; task {cfg.task.name!r} has "
+                              f"none (use method.target=answer)")
+
+    # ---- texts: the autoregressive methods' conventions (prompt_text and answer are Method's) ----
     def target_text(self, example: Example, eos: str) -> str:
         """The single-pass target; with multipass it bounds every pass's length (sequence_length)."""
         if self.target == "answer":
@@ -152,10 +161,8 @@ class DiffusionMethod:
         target = thoughts[done] if done < len(thoughts) else f"#### {example.answer}"
         return pass_prompt(example.prompt, thoughts[:done], eos), f" {target} {eos}"
 
-    answer = AutoregressiveMethod.answer  # the very same rule, so the two families cannot drift apart
-
     # ---- encoding ----
-    def encode(self, examples: list[Example], tokenizer, seq_len: int, *, with_target: bool = True
+    def encode(self, examples: list[Example], tokenizer, seq_len: int, indices=None, *, with_target: bool = True
                ) -> dict[str, np.ndarray]:
         """input_ids [n, seq_len] (prompt, target, EOS padding), target_mask (1 where noised, scored and
         generated: everything after the prompt), attention_mask (all ones). `with_target=False` leaves
@@ -198,7 +205,7 @@ class DiffusionMethod:
         return make_graph(self.graph_name, vocab_size, self.params.score_head)
 
     def graph_for(self, model) -> Graph:
-        config = getattr(model, "module", model).config  # DDP wraps the model
+        config = model.config
         graph = self.graph(config.vocab_size)
         if graph.dim != config.num_states:
             raise ValueError(f"the model has {config.num_states} output states; the {self.graph_name} graph over "
@@ -208,10 +215,16 @@ class DiffusionMethod:
         return graph
 
     # ---- training ----
-    def loss(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def loss(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         return diffusion_loss(model, self.graph_for(model), self.schedule, batch["input_ids"], batch["target_mask"],
                               form=self.loss_form, reduction=self.reduction, antithetic=self.antithetic,
-                              attention_mask=batch.get("attention_mask"))
+                              attention_mask=batch.get("attention_mask")), {}
+
+    def extra_state_ids(self, tokenizer, model) -> range:
+        return range(len(tokenizer), model.get_input_embeddings().weight.shape[0])
+
+    def sampling_settings(self, steps: int | None) -> list[str]:
+        return [f"T={steps or self.steps}", f"sampler {self.sampler}"]
 
     # ---- generation ----
     @torch.no_grad()
@@ -239,9 +252,14 @@ class DiffusionMethod:
         ids, target_mask = torch.as_tensor(ids).cpu(), torch.as_tensor(target_mask).cpu().bool()
         return [tokenizer.decode(row[m].tolist(), skip_special_tokens=False) for row, m in zip(ids, target_mask)]
 
-    def generate_text(self, model, tokenizer, examples: list[Example], seq_len: int, **kwargs) -> list[str]:
-        """Generated targets for the examples' prompts, as text for `answer`; one diffusion run per
-        example, or one per thought with multipass."""
+    def generate_text(self, model, tokenizer, examples: list[Example], *, max_new_tokens: int | None = None,
+                      seq_len: int, device: torch.device | None = None, generator: torch.Generator | None = None,
+                      sample: bool = False, steps: int | None = None, sampler: str | None = None) -> list[str]:
+        """Generated targets for the examples' prompts, as text for `answer`: the whole target at once in
+        the training length, one diffusion run per example (or one per thought with multipass).
+        `sample` draws tokens instead of the greedy choice; the samplers draw noise from `generator`
+        even when greedy. `sampler` overrides method.sampler."""
+        kwargs = {"steps": steps, "sampler": sampler, "generator": generator, **({"greedy": False} if sample else {})}
         if self.multipass:
             return self._generate_multipass(model, tokenizer, examples, seq_len, **kwargs)
         batch = self.encode(examples, tokenizer, seq_len, with_target=False)

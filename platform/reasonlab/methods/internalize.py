@@ -1,0 +1,164 @@
+"""Stepwise Internalization (Deng et al. 2024): explicit CoT training whose chain of thought loses
+tokens as training goes, until the model answers with none written (reference/icot.md §3,
+turn2_additions.md §1).
+
+Rows are ` prompt <eos> cot <eos> #### answer <eos>`, as for `cot`. A training row of step t (the batch
+of stream index i is step t = i // train.batch_size) loses `s(t) + o_i` chain tokens:
+  s(t)  the scheduled count: 0 during `pretrain_epochs`, then one more every round(steps_per_epoch / Δ)
+        steps (Δ = `remove_per_epoch`, steps_per_epoch = ⌈epoch_examples / batch_size⌉), and all of
+        the chain once s reaches `remove_all_beyond`;
+  o_i   the smoothing offset, P(o) ∝ e^{−λ o} truncated at 100 (λ = `smoothing_lambda`), drawn from the
+        example's stream index with the counter-based RNG: no process-local random state.
+Both are functions of (index, step), so a resumed run removes exactly what the run it continues would
+have. `side: left` removes from the chain's start, `right` from its end; the EOS that closes the chain
+is always kept, and positions are recounted over the kept tokens (the reference's default). Removal
+happens where rows are encoded (Ray Data), so rows shrink and the loss runs on the shorter width.
+
+Evaluation is the `cot` evaluator unchanged: greedy decoding from ` prompt <eos>`, stopping after two
+EOS; a fully internalized model writes `<eos> #### answer <eos>`.
+
+Deviations from the reference, on purpose: no batch is skipped for length; decoding is greedy (the
+reference samples since 2025-01); the optimizer reset stops once the schedule covers the task's longest
+chain (the reference asks whether the previous batch happened to have none left, which depends on the
+drawn offsets), so a resumed run resets at the same steps.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from reasonlab.errors import ConfigError
+from reasonlab.methods.autoregressive import ExplicitCoT
+from reasonlab.methods.base import MethodParams
+from reasonlab.tasks.base import counter_hash
+
+MAX_OFFSET = 100  # the reference truncates the offset distribution here
+_OFFSET_DRAW = 0x51  # the counter RNG stream of the offsets (tasks use draws 0, 1, ...)
+
+
+@dataclass
+class InternalizeParams(MethodParams):
+    name: str = "internalize"
+    remove_per_epoch: float = 8.0  # Δ: chain tokens removed per epoch (0: explicit CoT throughout)
+    epoch_examples: int = 80_800  # examples in one epoch of the infinite stream (the 4×4 file has 808,000)
+    pretrain_epochs: int = 0  # epochs with the full chain before removal starts
+    smoothing_lambda: float = 4.0  # λ of the offset distribution; .inf turns the offset off
+    remove_all_beyond: float = math.inf  # once s reaches this, remove the whole chain
+    side: Literal["left", "right"] = "left"
+    reset_optimizer: bool = True  # fresh AdamW whenever s rises
+
+    def check(self) -> None:
+        if not self.remove_per_epoch >= 0:
+            raise ConfigError(f"method.remove_per_epoch: expected a value >= 0, got {self.remove_per_epoch}")
+        if self.epoch_examples <= 0:
+            raise ConfigError(f"method.epoch_examples: expected a value > 0, got {self.epoch_examples}")
+        if self.pretrain_epochs < 0:
+            raise ConfigError(f"method.pretrain_epochs: expected a value >= 0, got {self.pretrain_epochs}")
+        if not self.smoothing_lambda > 0:
+            raise ConfigError(f"method.smoothing_lambda: expected a value > 0 (.inf: no offset), "
+                              f"got {self.smoothing_lambda}")
+        if not self.remove_all_beyond > 0:
+            raise ConfigError(f"method.remove_all_beyond: expected a value > 0, got {self.remove_all_beyond}")
+
+
+def removal_offsets(indices: np.ndarray, lam: float, seed: int) -> np.ndarray:
+    """The smoothing offset of each stream index: P(o) = (1 − e^{−λ}) e^{−λ o} for o < 100, the rest of
+    the mass at 100; by inverting the geometric CDF at a counter-based uniform."""
+    if math.isinf(lam):
+        return np.zeros(len(indices), dtype=np.int64)
+    u = (counter_hash(seed, "train", np.asarray(indices, dtype=np.uint64), _OFFSET_DRAW) >> np.uint64(11)) \
+        .astype(np.float64) * 2.0 ** -53  # uniform in [0, 1)
+    return np.minimum(np.floor(-np.log1p(-u) / lam), MAX_OFFSET).astype(np.int64)
+
+
+def remove_span(ids: list[int], eos_id: int, to_remove: float, side: str) -> list[int]:
+    """` prompt <eos> cot <eos> #### answer <eos>` ids without `to_remove` chain tokens (left or right),
+    the chain's closing EOS kept, everything after the third EOS dropped."""
+    eos = [j for j, t in enumerate(ids) if t == eos_id][:3]
+    if len(eos) < 3:
+        raise ValueError(f"a row needs three EOS tokens (prompt, chain, answer); found {len(eos)}")
+    first, second, third = eos
+    n = int(min(to_remove, second - first - 1))  # never past the chain
+    start, stop = (first + 1, first + 1 + n) if side == "left" else (second - n, second)
+    return ids[:start] + ids[stop:third + 1]
+
+
+class StepwiseInternalization(ExplicitCoT):
+    Params = InternalizeParams
+    name = "internalize"
+    cot_tokens: int | None = None  # the task's longest chain in tokens (setup)
+
+    def setup(self, task, tokenizer) -> None:
+        eos = tokenizer.eos_token
+        texts = [self.prompt_text(e, eos) + self.target_text(e, eos) for e in task.length_probe(tokenizer)]
+        self.cot_tokens = 0
+        for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+            first, second = [j for j, t in enumerate(ids) if t == tokenizer.eos_token_id][:2]
+            self.cot_tokens = max(self.cot_tokens, second - first - 1)
+
+    # ---- the schedule ----
+    @property
+    def batch_size(self) -> int:
+        if self.cfg is None:
+            raise ValueError("stepwise internalization counts its schedule in optimizer steps: build the method "
+                             "with the job config, make_method(cfg.method, cfg)")
+        return self.cfg.train.batch_size
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.params.epoch_examples / self.batch_size)
+
+    def scheduled(self, step: int) -> float:
+        """s: chain tokens removed from every row of the batch trained after `step` steps."""
+        p = self.params
+        start = p.pretrain_epochs * self.steps_per_epoch
+        if step < start or p.remove_per_epoch == 0:
+            return 0
+        s = (step - start) // max(1, round(self.steps_per_epoch / p.remove_per_epoch))
+        return math.inf if s >= p.remove_all_beyond else s
+
+    def removal(self, indices: np.ndarray) -> np.ndarray:
+        """Tokens removed from each row: s of its step plus its offset (no offset while pretraining, and
+        none at all with remove_per_epoch 0: the explicit-CoT baseline)."""
+        steps = np.asarray(indices, dtype=np.int64) // self.batch_size
+        if self.params.remove_per_epoch == 0:
+            return np.zeros(len(steps))
+        offsets = removal_offsets(indices, self.params.smoothing_lambda, self.cfg.train.seed)
+        start = self.params.pretrain_epochs * self.steps_per_epoch
+        return np.array([self.scheduled(int(t)) + (o if t >= start else 0) for t, o in zip(steps, offsets)],
+                        dtype=np.float64)
+
+    def all_removed(self, s: float) -> bool:
+        return s >= (self.cot_tokens if self.cot_tokens is not None else math.inf)
+
+    def step_metrics(self, step: int) -> dict[str, float]:
+        s = self.scheduled(max(step - 1, 0))  # the count of the batch just trained
+        if self.cot_tokens is not None:
+            s = min(s, self.cot_tokens)  # the whole chain, once s covers it (or is .inf)
+        return {"train/cot_tokens_removed": float(s)}
+
+    def on_step(self, step: int, loop) -> None:
+        """Before the first batch with a higher count: a fresh optimizer, until the chain is all gone."""
+        previous, upcoming = self.scheduled(step - 1), self.scheduled(step)
+        if self.params.reset_optimizer and upcoming > previous and not self.all_removed(previous):
+            loop.reset_optimizer()
+
+    # ---- rows ----
+    def encode(self, examples, tokenizer, seq_len: int, indices=None) -> dict[str, np.ndarray]:
+        """`cot` rows with the scheduled chain tokens removed; `indices=None` (no stream position)
+        removes nothing."""
+        eos = tokenizer.eos_token
+        texts = [self.prompt_text(e, eos) + self.target_text(e, eos) for e in examples]
+        encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        if indices is not None:
+            encoded = [remove_span(ids, tokenizer.eos_token_id, n, self.params.side)
+                       for ids, n in zip(encoded, self.removal(indices))]
+        return self.pad_rows(encoded, tokenizer.eos_token_id, seq_len)
+
+    def finish(self, history: dict, directory: str) -> None:
+        from reasonlab.analysis.internalization import plot_internalization
+
+        plot_internalization(history, f"{directory}/internalization.png", total=self.cot_tokens)

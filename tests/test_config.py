@@ -45,6 +45,9 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
     (["task.valid_path=/nonexistent.txt"], "task.valid_path: file not found"),
     (["tracking.run_name=a'b"], "tracking.run_name: expected letters, digits"),
     (["tracking.run_name=../up"], "tracking.run_name: expected letters, digits"),
+    (["train.lr=1e400"], "train.lr: expected a finite number, got inf"),
+    (["train.weight_decay=.nan"], "train.weight_decay: expected a finite number, got nan"),
+    (["eval.steps=4"], "eval.steps: sampling steps apply to diffusion methods; method.name is 'cot'"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError) as e:

@@ -465,8 +465,9 @@ def test_multipass_model_writes_one_thought_per_pass(memorized):
     assert len({int(m.sum()) for m in rows["target_mask"]}) > 1  # different passes, different prompt lengths
 
 
-def test_the_diffusion_core_imports_neither_ray_nor_mlflow():
-    code = ("import sys, reasonlab.methods.diffusion, reasonlab.models.diffusion; "
+def test_the_core_imports_neither_ray_nor_mlflow():
+    code = ("import sys, reasonlab.methods.diffusion, reasonlab.models.diffusion, reasonlab.methods, reasonlab.loop, "
+            "reasonlab.evaluate, reasonlab.analysis.internalization; "
             "print(sorted(m for m in ('ray', 'mlflow') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]"

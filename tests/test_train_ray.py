@@ -41,6 +41,24 @@ def _artifacts(client: MlflowClient, run_id: str, path: str | None = None) -> se
     return out
 
 
+def kill_after_first_checkpoint(args: list[str], name: str, home: Path) -> int:
+    """Start `reasonlab ARGS`, SIGKILL its process group once Ray has registered a checkpoint of run
+    `name`; returns the step of the checkpoint a restart will resume from."""
+    proc = subprocess.Popen([str(BIN / "reasonlab"), *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    storage = str(home / "ray_results")
+    deadline = time.time() + 300
+    try:
+        while not latest_checkpoint_step(storage, name):
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            assert time.time() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    return latest_checkpoint_step(storage, name)
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_training_run_is_tracked_end_to_end(ray_head, reasonlab_home, workers, tmp_path):
     name = f"e2e-{workers}"
@@ -88,21 +106,9 @@ def test_training_run_is_tracked_end_to_end(ray_head, reasonlab_home, workers, t
 def test_killed_run_resumes_from_its_last_checkpoint(ray_head, reasonlab_home):
     name = "killed"
     args = [*TINY, "train.max_steps=300", "train.eval_every=20", f"tracking.run_name={name}"]
-    proc = subprocess.Popen([str(BIN / "reasonlab"), "train", "jobs/quickstart.yaml", *args], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    run_dir = reasonlab_home / "ray_results" / name
-    deadline = time.time() + 300
-    try:
-        while not latest_checkpoint_step(str(run_dir.parent), name):  # Ray has registered a checkpoint
-            assert proc.poll() is None, proc.stdout.read()[-3000:]
-            assert time.time() < deadline, "no checkpoint within 300 s"
-            time.sleep(0.2)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    registered = kill_after_first_checkpoint(["train", "jobs/quickstart.yaml", *args], name, reasonlab_home)
     killed = _run(reasonlab_home, name)
     assert killed.info.status == "RUNNING"  # nobody could close it: the driver was killed
-    registered = latest_checkpoint_step(str(run_dir.parent), name)
     assert 0 < registered < 300
 
     result = reasonlab("train", "jobs/quickstart.yaml", *args)

@@ -8,6 +8,7 @@ exit status 2 before anything starts.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -321,14 +322,19 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             return value
         raise ConfigError(f"{key}: expected an integer, got {_show(value)}")
     if hint is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads 3e-4 (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # PyYAML reads 3e-4 (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected a number, got {_show(value)}")
+        if number is None:
+            raise ConfigError(f"{key}: expected a number, got {_show(value)}")
+        if not math.isfinite(number):  # YAML reads 1e400 as infinity, and .nan is a float
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return number
     if hint is str:
         if isinstance(value, str):
             return value

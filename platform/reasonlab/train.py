@@ -71,6 +71,7 @@ def train_loop_per_worker(spec: dict) -> None:
     batches = iter(ray.train.get_dataset_shard("train").iter_torch_batches(
         batch_size=cfg.micro_batch_size, dtypes=torch.long, prefetch_batches=4, drop_last=True))
     window_start, window_tokens, loss_sum, loss_count = _new_window(device)
+    extra_sums: dict = {}
     started = time.perf_counter()
     first_step = step
     capacity = None  # the last evaluation's capacity measurement, for capacity tasks
@@ -83,10 +84,12 @@ def train_loop_per_worker(spec: dict) -> None:
                                    f"examples; it would train on them twice")
             if step:
                 say(f"resumed from the checkpoint at step {step}; first example index {first_index}", flush=True)
-        loss, _ = loop.train_step(micro)
+        loss, extra = loop.train_step(micro)
         step = loop.step
         loss_sum += loss
         loss_count += 1
+        for k, v in extra.items():  # a method's own per-batch metrics, averaged over the window
+            extra_sums[k] = extra_sums.get(k, 0) + v
         for batch in micro:
             window_tokens += batch["attention_mask"].sum()
 
@@ -94,7 +97,8 @@ def train_loop_per_worker(spec: dict) -> None:
             tokens = _all_reduce_sum(window_tokens, world)
             elapsed = time.perf_counter() - window_start
             metrics = {"train/loss": loss_sum.item() / loss_count, "train/lr": loop.lr,
-                       "train/tokens_per_sec": tokens / elapsed, **method.step_metrics(step)}
+                       "train/tokens_per_sec": tokens / elapsed, **method.step_metrics(step),
+                       **{k: float(v) / loss_count for k, v in extra_sums.items()}}
             if rank == 0:
                 logger.log_metrics(metrics, step)
                 rate = (step - first_step) / (time.perf_counter() - started)
@@ -103,6 +107,7 @@ def train_loop_per_worker(spec: dict) -> None:
                     f"lr {metrics['train/lr']:.2e}  {metrics['train/tokens_per_sec'] / 1e3:.1f}k tok/s{extra}  "
                     f"eta {_duration((cfg.train.max_steps - step) / rate)}", flush=True)
             window_start, window_tokens, loss_sum, loss_count = _new_window(device)
+            extra_sums = {}
 
         if step % cfg.train.eval_every == 0 or step == cfg.train.max_steps:
             metrics = {"step": step}

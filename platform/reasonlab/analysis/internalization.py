@@ -24,7 +24,8 @@ def plot_internalization(history: dict[str, list[tuple[int, float]]], path: str,
     right = left.twinx()
     for key in sorted(k for k in history if k.endswith("/accuracy")):
         points = sorted(history[key])
-        right.plot([s for s, _ in points], [100 * v for _, v in points], "o-", label=f"{key} (greedy from the prompt alone)")
+        right.plot([s for s, _ in points], [100 * v for _, v in points], "o-",
+                   label=f"{key} (greedy from the prompt alone)")
     right.set_ylabel("exact-match accuracy (%)")
     right.set_ylim(-2, 102)
     lines = left.get_legend_handles_labels()

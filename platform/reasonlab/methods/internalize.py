@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Optional
 
 import numpy as np
 
@@ -45,8 +45,8 @@ class InternalizeParams(MethodParams):
     remove_per_epoch: float = 8.0  # Δ: chain tokens removed per epoch (0: explicit CoT throughout)
     epoch_examples: int = 80_800  # examples in one epoch of the infinite stream (the 4×4 file has 808,000)
     pretrain_epochs: int = 0  # epochs with the full chain before removal starts
-    smoothing_lambda: float = 4.0  # λ of the offset distribution; .inf turns the offset off
-    remove_all_beyond: float = math.inf  # once s reaches this, remove the whole chain
+    smoothing_lambda: Optional[float] = 4.0  # λ of the offset distribution; null: no offset
+    remove_all_beyond: Optional[int] = None  # once s reaches this, remove the whole chain; null: never
     side: Literal["left", "right"] = "left"
     reset_optimizer: bool = True  # fresh AdamW whenever s rises
 
@@ -57,17 +57,18 @@ class InternalizeParams(MethodParams):
             raise ConfigError(f"method.epoch_examples: expected a value > 0, got {self.epoch_examples}")
         if self.pretrain_epochs < 0:
             raise ConfigError(f"method.pretrain_epochs: expected a value >= 0, got {self.pretrain_epochs}")
-        if not self.smoothing_lambda > 0:
-            raise ConfigError(f"method.smoothing_lambda: expected a value > 0 (.inf: no offset), "
+        if self.smoothing_lambda is not None and not self.smoothing_lambda > 0:
+            raise ConfigError(f"method.smoothing_lambda: expected a value > 0 (or null: no offset), "
                               f"got {self.smoothing_lambda}")
-        if not self.remove_all_beyond > 0:
-            raise ConfigError(f"method.remove_all_beyond: expected a value > 0, got {self.remove_all_beyond}")
+        if self.remove_all_beyond is not None and self.remove_all_beyond <= 0:
+            raise ConfigError(f"method.remove_all_beyond: expected a value > 0 (or null: never), "
+                              f"got {self.remove_all_beyond}")
 
 
-def removal_offsets(indices: np.ndarray, lam: float, seed: int) -> np.ndarray:
+def removal_offsets(indices: np.ndarray, lam: float | None, seed: int) -> np.ndarray:
     """The smoothing offset of each stream index: P(o) = (1 − e^{−λ}) e^{−λ o} for o < 100, the rest of
-    the mass at 100; by inverting the geometric CDF at a counter-based uniform."""
-    if math.isinf(lam):
+    the mass at 100; by inverting the geometric CDF at a counter-based uniform. λ = None: no offset."""
+    if lam is None:
         return np.zeros(len(indices), dtype=np.int64)
     u = (counter_hash(seed, "train", np.asarray(indices, dtype=np.uint64), _OFFSET_DRAW) >> np.uint64(11)) \
         .astype(np.float64) * 2.0 ** -53  # uniform in [0, 1)
@@ -118,7 +119,7 @@ class StepwiseInternalization(ExplicitCoT):
         if step < start or p.remove_per_epoch == 0:
             return 0
         s = (step - start) // max(1, round(self.steps_per_epoch / p.remove_per_epoch))
-        return math.inf if s >= p.remove_all_beyond else s
+        return math.inf if p.remove_all_beyond is not None and s >= p.remove_all_beyond else s
 
     def removal(self, indices: np.ndarray) -> np.ndarray:
         """Tokens removed from each row: s of its step plus its offset (no offset while pretraining, and
@@ -137,7 +138,7 @@ class StepwiseInternalization(ExplicitCoT):
     def step_metrics(self, step: int) -> dict[str, float]:
         s = self.scheduled(max(step - 1, 0))  # the count of the batch just trained
         if self.cot_tokens is not None:
-            s = min(s, self.cot_tokens)  # the whole chain, once s covers it (or is .inf)
+            s = min(s, self.cot_tokens)  # the whole chain, once s covers it (or is infinite: remove_all_beyond)
         return {"train/cot_tokens_removed": float(s)}
 
     def on_step(self, step: int, loop) -> None:

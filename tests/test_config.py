@@ -45,8 +45,10 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
     (["task.valid_path=/nonexistent.txt"], "task.valid_path: file not found"),
     (["tracking.run_name=a'b"], "tracking.run_name: expected letters, digits"),
     (["tracking.run_name=../up"], "tracking.run_name: expected letters, digits"),
-    (["train.lr=1e400"], "train.lr: expected a finite number, got inf"),
+    (["train.lr=1e400"], "train.lr: expected a finite number, got '1e400'"),
     (["train.weight_decay=.nan"], "train.weight_decay: expected a finite number, got nan"),
+    (["model.pretrained=/nonexistent/dir"], "model.pretrained: /nonexistent/dir is not a folder holding a saved model"),
+    (["model.pretrained=./no/such/model"], "model.pretrained: ./no/such/model is not a folder"),
     (["eval.steps=4"], "eval.steps: sampling steps apply to diffusion methods; method.name is 'cot'"),
 ])
 def test_bad_values_name_the_key(override, message):
@@ -70,6 +72,9 @@ def test_bad_files(tmp_path):
         load_config(bad)
     bad.write_text("task: {name: gsm8k}\n")
     with pytest.raises(ConfigError, match="task.train_path: required"):
+        load_config(bad)
+    bad.write_bytes(b"task: {name: multiplication}\nmodel: {arch: \xff\xfe}\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not a UTF-8 text file"):
         load_config(bad)
 
 

@@ -529,3 +529,17 @@ def test_diffusion_models_are_sized_by_parameter_count_like_the_causal_ones():
     per_head = count_parameters(method.build_model(ModelConfig(n_layer=2, d_model=d + 16, n_head=heads + 1), tok, 64,
                                                    None)) - n
     assert d % 16 == 0 and heads == d // 16 and abs(n - 300_000) <= per_head / 2 + 1
+
+
+def test_greedy_draw_treats_negative_rates_as_zero_like_sampling():
+    from reasonlab.methods.diffusion.sampler import draw
+
+    n = 40_000
+    probs = torch.tensor([0.5, 0.6, -0.3]).expand(n, 1, 3).contiguous()
+    x = torch.zeros(n, 1, dtype=torch.long)
+    greedy = draw(probs, x, True, torch.Generator().manual_seed(0))
+    sampled = draw(probs, x, False, torch.Generator().manual_seed(1))
+    assert set(greedy.unique().tolist()) == {0, 1}  # moves only to the best other state
+    moved, expected = (greedy != 0).float().mean().item(), 0.6 / 1.1
+    assert abs(moved - expected) < 0.01, moved  # 0.375 when the negative entry counted in the total
+    assert abs((sampled != 0).float().mean().item() - expected) < 0.01

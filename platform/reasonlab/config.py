@@ -46,6 +46,11 @@ class ModelConfig:
 
     def check(self) -> None:
         _positive(self, "model", "n_layer", "d_model", "n_head")
+        if self.pretrained and _looks_like_path(self.pretrained):
+            folder = Path(self.pretrained).expanduser()
+            if not (folder / "config.json").is_file():
+                raise ConfigError(f"model.pretrained: {self.pretrained} is not a folder holding a saved model "
+                                  f"(no config.json there); expected a save_pretrained folder or a hub id")
         if self.n_params is not None:
             _positive(self, "model", "n_params")
             if self.pretrained:
@@ -204,7 +209,9 @@ def read_yaml_mapping(path: str | Path, kind: str, expected: str) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path}: {kind} file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a UTF-8 text file (byte {e.start}); expected a YAML {kind} file") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -340,6 +347,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             return value
         raise ConfigError(f"{key}: expected a string, got {_show(value)}")
     raise TypeError(f"unsupported config type {hint} for {key}")
+
+
+def _looks_like_path(value: str) -> bool:
+    """A local path rather than a hub id (`name` or `org/name`)."""
+    return value.startswith(("/", ".", "~")) or value.count("/") > 1 or Path(value).exists()
 
 
 def _show(value: Any) -> str:

@@ -1,5 +1,5 @@
-"""Generation (greedy, sampled, or by diffusion), exact match of the answer, self-consistency votes, and
-decoding throughput. No Ray here."""
+"""Exact match of the answer, self-consistency votes and decoding throughput, for every method alike: the
+method generates (`Method.generate_text`: token by token, or by diffusion), this module scores. No Ray here."""
 from __future__ import annotations
 
 import contextlib

@@ -95,8 +95,6 @@ class DiffusionParams:
     time_conditioning: Optional[bool] = None  # for build_diffusion_lm; default off for absorbing, on for uniform
 
     def check(self) -> None:
-        from reasonlab.errors import ConfigError
-
         for key, allowed in (("graph", ("absorbing", "uniform")), ("schedule", (None, "loglinear", "geometric")),
                              ("target", ("cot", "answer")), ("sampler", ("analytic", "euler", "confidence")),
                              ("loss_form", ("auto", "mdlm", "score_entropy")), ("reduction", ("sum", "mean")),

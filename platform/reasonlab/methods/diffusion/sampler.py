@@ -58,6 +58,7 @@ def draw(probs: torch.Tensor, x: torch.Tensor, greedy: bool, generator: torch.Ge
     """The next state from unnormalised transition probabilities [B, L, dim] out of states x."""
     if not greedy:
         return sample_categorical(probs, generator)
+    probs = probs.clamp(min=0)  # a negative rate is no move, as in sample_categorical's race
     stay = probs.gather(-1, x[..., None]).squeeze(-1)
     total = probs.sum(dim=-1)
     move = torch.rand(x.shape, generator=generator, device=x.device, dtype=probs.dtype) * total < total - stay

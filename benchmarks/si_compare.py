@@ -5,6 +5,8 @@ large batch. Prints a Markdown table and writes JSON.
 
     python benchmarks/si_compare.py jobs/si_mult.yaml --name si-cpu        # ~45 min on 2 cores
     python benchmarks/si_compare.py jobs/si_mult.yaml --name si-cpu --measure-only   # runs already there
+    python benchmarks/si_compare.py jobs/si_mult.yaml train.seed=1 --name s1 --train si \\
+        --run cot=si-cpu-cot --run nocot=si-cpu-nocot       # another SI seed against the same baselines
 
 The three runs are `NAME-si` (the job as written), `NAME-cot` (method.remove_per_epoch=0: the same method
 with nothing removed) and `NAME-nocot` (the method section replaced by `{name: nocot}`), all with the
@@ -29,7 +31,7 @@ def train(job: str, name: str, overrides: list[str]) -> float:
     """Wall seconds of one `reasonlab train` (Ray start-up and final evaluation included)."""
     exe = os.path.join(os.path.dirname(sys.executable), "reasonlab")
     start = time.perf_counter()
-    subprocess.run([exe, "train", job, f"tracking.run_name={name}", *overrides], check=True)
+    subprocess.run([exe, "train", job, *overrides, f"tracking.run_name={name}"], check=True)
     return time.perf_counter() - start
 
 
@@ -73,20 +75,24 @@ def measure(run_name: str, batch_sizes: list[int], examples: int) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("job")
+    p.add_argument("overrides", nargs="*", help="KEY=VALUE for every run it trains")
     p.add_argument("--name", required=True, help="run-name prefix")
     p.add_argument("--measure-only", action="store_true")
+    p.add_argument("--train", default=",".join(VARIANTS), help="variants to train (comma-separated)")
+    p.add_argument("--run", action="append", default=[], metavar="VARIANT=RUN",
+                   help="measure this run for a variant instead of NAME-VARIANT (e.g. a baseline trained earlier)")
     p.add_argument("--examples", type=int, default=1000, help="test examples per measurement")
     p.add_argument("--batch-sizes", default="1,100")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     seconds = {}
+    runs = {v: f"{args.name}-{v}" for v in VARIANTS} | dict(r.split("=", 1) for r in args.run)
     if not args.measure_only:
-        for variant, overrides in VARIANTS.items():
-            seconds[variant] = train(args.job, f"{args.name}-{variant}", overrides)
+        for variant in args.train.split(","):
+            seconds[variant] = train(args.job, runs[variant], [*args.overrides, *VARIANTS[variant]])
     torch.set_num_threads(os.cpu_count() or 1)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    rows = {v: {**measure(f"{args.name}-{v}", batch_sizes, args.examples), "train_wall_s": seconds.get(v)}
-            for v in VARIANTS}
+    rows = {v: {**measure(runs[v], batch_sizes, args.examples), "train_wall_s": seconds.get(v)} for v in VARIANTS}
     head = " | ".join(f"acc bs{b} | ex/s bs{b}" for b in batch_sizes)
     print(f"| method | wall (train cmd) | {head} |")
     print("|---|---|" + "---|---|" * len(batch_sizes))

@@ -37,8 +37,8 @@ class AnswerOnly(AutoregressiveMethod):
     name = "qa"
     eos_in_target = 1
 
-    def __init__(self, params: QAParams | None = None) -> None:
-        super().__init__(params)
+    def __init__(self, params: QAParams | None = None, cfg=None) -> None:
+        super().__init__(params, cfg)
         self.examples_per_row = self.params.pack
 
     def prompt_text(self, example: Example, eos: str) -> str:

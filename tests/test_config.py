@@ -48,13 +48,26 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
     (["train.lr=1e400"], "train.lr: expected a finite number, got '1e400'"),
     (["train.weight_decay=.nan"], "train.weight_decay: expected a finite number, got nan"),
     (["model.pretrained=/nonexistent/dir"], "model.pretrained: /nonexistent/dir is not a folder holding a saved model"),
-    (["model.pretrained=./no/such/model"], "model.pretrained: ./no/such/model is not a folder"),
+    (["model.pretrained=./no/such/model"], "/no/such/model is not a folder holding a saved model"),
     (["eval.steps=4"], "eval.steps: sampling steps apply to diffusion methods; method.name is 'cot'"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError) as e:
         load_config(QUICKSTART, override)
     assert message in str(e.value)
+
+
+def test_local_paths_are_made_absolute_for_the_workers(tmp_path, monkeypatch):
+    """Ray workers run in another directory: the resolved config names files absolutely."""
+    from conftest import REPO
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    (tmp_path / "test.txt").write_text("1 2 * 3 4||x #### 1 2 3 4\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(REPO / "jobs" / "quickstart.yaml", ["task.test_path=test.txt", "model.pretrained=./model"])
+    assert cfg.task.test_path == str(tmp_path / "test.txt") and cfg.model.pretrained == str(tmp_path / "model")
+    assert load_config(REPO / "jobs" / "quickstart.yaml", ["model.pretrained=gpt2"]).model.pretrained == "gpt2"
 
 
 def test_bad_files(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import types
 import typing
@@ -271,9 +272,23 @@ def config_from_dict(data: dict, job: str = "job") -> Config:
                 "method": build_dataclass(METHODS[method["name"]].Params, method, "method")}
     for name, cls in _SECTION_TYPES.items():
         sections[name] = build_dataclass(cls, data.get(name) or {}, name)
+    _absolute_paths(sections)
     config = Config(**sections, job=job)
     config.check()
     return config
+
+
+def _absolute_paths(sections: dict) -> None:
+    """Local paths in the job (task files, a pretrained model folder) made absolute against the directory
+    the job was started from: Ray workers run elsewhere, and the resolved config is what they get."""
+    task = sections["task"]
+    for f in dataclasses.fields(task):
+        value = getattr(task, f.name)
+        if f.name.endswith("_path") and isinstance(value, str) and value:
+            setattr(task, f.name, os.path.abspath(os.path.expanduser(value)))
+    model = sections["model"]
+    if model.pretrained and _looks_like_path(model.pretrained):
+        model.pretrained = os.path.abspath(os.path.expanduser(model.pretrained))
 
 
 def build_dataclass(cls: type, values: Any, where: str):

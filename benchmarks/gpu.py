@@ -13,13 +13,12 @@ autoregressive decoding runs to its full budget (the target length + 8 tokens), 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
-
-import dataclasses
 
 from reasonlab.config import load_config
 from reasonlab.evaluate import autocast_context, evaluate

@@ -96,13 +96,14 @@ def train_loop_per_worker(spec: dict) -> None:
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
             tokens = _all_reduce_sum(window_tokens, world)
             elapsed = time.perf_counter() - window_start
+            schedule = method.step_metrics(step)
             metrics = {"train/loss": loss_sum.item() / loss_count, "train/lr": loop.lr,
-                       "train/tokens_per_sec": tokens / elapsed, **method.step_metrics(step),
+                       "train/tokens_per_sec": tokens / elapsed, **schedule,
                        **{k: float(v) / loss_count for k, v in extra_sums.items()}}
             if rank == 0:
                 logger.log_metrics(metrics, step)
                 rate = (step - first_step) / (time.perf_counter() - started)
-                extra = "".join(f"  {k.rpartition('/')[2]} {v:g}" for k, v in method.step_metrics(step).items())
+                extra = "".join(f"  {k.rpartition('/')[2]} {v:g}" for k, v in schedule.items())
                 say(f"step {step}/{cfg.train.max_steps}  loss {metrics['train/loss']:.4f}  "
                     f"lr {metrics['train/lr']:.2e}  {metrics['train/tokens_per_sec'] / 1e3:.1f}k tok/s{extra}  "
                     f"eta {_duration((cfg.train.max_steps - step) / rate)}", flush=True)
@@ -154,7 +155,7 @@ def finish_run(model, tokenizer, method, task, cfg: Config, spec: dict, device, 
         logger.log_artifacts(d, "model")
     logger.log_text("".join(json.dumps(p) + "\n" for p in predictions), "predictions.jsonl")
     with tempfile.TemporaryDirectory() as d:
-        method.finish(logger.metric_history(), d)  # e.g. internalization.png
+        method.finish(logger.metric_history, d)  # e.g. internalization.png; the store is read only if used
         if any(Path(d).iterdir()):
             logger.log_artifacts(d)
     if measures_capacity(task, method):

@@ -45,12 +45,15 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_
 class AutoregressiveMethod(Method):
     """Base of `nocot`, `cot` and the methods built on them: subclasses say what the target text is."""
 
-    def encode(self, examples: list[Example], tokenizer, seq_len: int, indices=None) -> dict[str, np.ndarray]:
-        """Token ids, labels (−100 outside the target), attention mask; right-padded to seq_len."""
+    def token_ids(self, examples: list[Example], tokenizer) -> list[list[int]]:
+        """Each example's ` prompt <eos> target` as token ids."""
         eos = tokenizer.eos_token
         texts = [self.prompt_text(e, eos) + self.target_text(e, eos) for e in examples]
-        return self.pad_rows(tokenizer(texts, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id,
-                             seq_len)
+        return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    def encode(self, examples: list[Example], tokenizer, seq_len: int, indices=None) -> dict[str, np.ndarray]:
+        """Token ids, labels (−100 outside the target), attention mask; right-padded to seq_len."""
+        return self.pad_rows(self.token_ids(examples, tokenizer), tokenizer.eos_token_id, seq_len)
 
     @staticmethod
     def pad_rows(encoded: list[list[int]], eos_id: int, seq_len: int) -> dict[str, np.ndarray]:

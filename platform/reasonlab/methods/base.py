@@ -15,17 +15,17 @@ The hooks, in the order a run meets them:
   on_step(step, loop)        after each optimizer step (stepwise internalization resets the optimizer)
   step_metrics(step)         values of the schedule at a step, logged with the loss
   generate_text(...), answer(...)                 evaluation
-  save(model, directory), finish(history, directory)   the run's artifacts
+  save(model, directory), finish(history, directory)   the run's artifacts (history: fetched on demand)
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Callable, ClassVar, Literal
 
 import torch
 
 from reasonlab.errors import ConfigError
-from reasonlab.tasks import Example
+from reasonlab.tasks import TASKS, Example
 
 IGNORE = -100
 
@@ -61,8 +61,6 @@ class Method:
     @classmethod
     def check_config(cls, cfg) -> None:
         """Rules between the method section and the rest of the job; raise ConfigError."""
-        from reasonlab.tasks import TASKS
-
         if cfg.eval.steps is not None and cls.decoding != "parallel":
             raise ConfigError(f"eval.steps: sampling steps apply to diffusion methods; method.name is "
                               f"{cfg.method.name!r}")
@@ -131,6 +129,7 @@ class Method:
         """How this method decodes, in words, for result lines (e.g. `T=16`)."""
         return []
 
-    def finish(self, history: dict[str, list[tuple[int, float]]], directory: str) -> None:
-        """Write the run's method-specific artifacts (plots) into `directory`; `history` maps metric
-        names to their (step, value) series."""
+    def finish(self, history: Callable[[], dict[str, list[tuple[int, float]]]], directory: str) -> None:
+        """Write the run's method-specific artifacts (plots) into `directory`. `history()` reads every
+        metric's (step, value) series from the tracking store: one query per metric, so only methods that
+        draw something call it."""

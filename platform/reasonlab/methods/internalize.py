@@ -93,10 +93,8 @@ class StepwiseInternalization(ExplicitCoT):
     cot_tokens: int | None = None  # the task's longest chain in tokens (setup)
 
     def setup(self, task, tokenizer) -> None:
-        eos = tokenizer.eos_token
-        texts = [self.prompt_text(e, eos) + self.target_text(e, eos) for e in task.length_probe(tokenizer)]
         self.cot_tokens = 0
-        for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        for ids in self.token_ids(task.length_probe(tokenizer), tokenizer):
             first, second = [j for j, t in enumerate(ids) if t == tokenizer.eos_token_id][:2]
             self.cot_tokens = max(self.cot_tokens, second - first - 1)
 
@@ -127,10 +125,11 @@ class StepwiseInternalization(ExplicitCoT):
         steps = np.asarray(indices, dtype=np.int64) // self.batch_size
         if self.params.remove_per_epoch == 0:
             return np.zeros(len(steps))
+        unique, inverse = np.unique(steps, return_inverse=True)  # a block of rows spans few steps
+        scheduled = np.array([self.scheduled(int(t)) for t in unique], dtype=np.float64)[inverse]
         offsets = removal_offsets(indices, self.params.smoothing_lambda, self.cfg.train.seed)
-        start = self.params.pretrain_epochs * self.steps_per_epoch
-        return np.array([self.scheduled(int(t)) + (o if t >= start else 0) for t, o in zip(steps, offsets)],
-                        dtype=np.float64)
+        pretraining = steps < self.params.pretrain_epochs * self.steps_per_epoch
+        return scheduled + np.where(pretraining, 0, offsets)
 
     def all_removed(self, s: float) -> bool:
         return s >= (self.cot_tokens if self.cot_tokens is not None else math.inf)
@@ -151,15 +150,13 @@ class StepwiseInternalization(ExplicitCoT):
     def encode(self, examples, tokenizer, seq_len: int, indices=None) -> dict[str, np.ndarray]:
         """`cot` rows with the scheduled chain tokens removed; `indices=None` (no stream position)
         removes nothing."""
-        eos = tokenizer.eos_token
-        texts = [self.prompt_text(e, eos) + self.target_text(e, eos) for e in examples]
-        encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        encoded = self.token_ids(examples, tokenizer)
         if indices is not None:
             encoded = [remove_span(ids, tokenizer.eos_token_id, n, self.params.side)
                        for ids, n in zip(encoded, self.removal(indices))]
         return self.pad_rows(encoded, tokenizer.eos_token_id, seq_len)
 
-    def finish(self, history: dict, directory: str) -> None:
+    def finish(self, history, directory: str) -> None:
         from reasonlab.analysis.internalization import plot_internalization
 
-        plot_internalization(history, f"{directory}/internalization.png", total=self.cot_tokens)
+        plot_internalization(history(), f"{directory}/internalization.png", total=self.cot_tokens)

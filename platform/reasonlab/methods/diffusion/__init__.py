@@ -32,7 +32,7 @@ from reasonlab.methods.diffusion.graph import Absorbing, Graph, Uniform, make_gr
 from reasonlab.methods.diffusion.loss import diffusion_loss
 from reasonlab.methods.diffusion.sampler import sample
 from reasonlab.methods.diffusion.schedule import Geometric, LogLinear, make_schedule
-from reasonlab.tasks import Example
+from reasonlab.tasks import TASKS, Example
 
 DEFAULT_SCHEDULE = {"absorbing": "loglinear", "uniform": "geometric"}  # SEDD's pairings
 
@@ -138,8 +138,6 @@ class DiffusionMethod(Method):
 
     @classmethod
     def check_config(cls, cfg) -> None:
-        from reasonlab.tasks import TASKS
-
         super().check_config(cfg)
         if cfg.method.target == "cot" and not TASKS[cfg.task.name].has_cot:
             raise ConfigError(f"method.target: 'cot' diffuses a chain of thought; task {cfg.task.name!r} has "

@@ -7,6 +7,7 @@ exit status 2 before anything starts.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -21,9 +22,8 @@ import yaml
 
 from reasonlab.errors import ConfigError  # re-exported: `from reasonlab.config import ConfigError`
 from reasonlab.methods import METHODS
+from reasonlab.runref import RunRef
 from reasonlab.tasks import TASKS
-
-
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -171,7 +171,7 @@ class Config:
         return self.train.batch_size // (self.scaling.num_workers * self.train.grad_accum)
 
     def to_dict(self) -> dict:
-        out = {section: dataclasses.asdict(getattr(self, section)) for section in SECTIONS}
+        out = {section: _plain(getattr(self, section)) for section in SECTIONS}
         out["job"] = self.job
         return out
 
@@ -180,7 +180,12 @@ class Config:
 
     def flat(self) -> dict[str, Any]:
         """`section.key` → value, for MLflow params."""
-        return {f"{s}.{k}": v for s in SECTIONS for k, v in dataclasses.asdict(getattr(self, s)).items()}
+        return {f"{s}.{k}": v for s in SECTIONS for k, v in _plain(getattr(self, s)).items()}
+
+    def run_refs(self) -> dict[str, RunRef]:
+        """The finished runs this job's method reads (`method.teacher`, ...): field → reference."""
+        return {f.name: getattr(self.method, f.name) for f in dataclasses.fields(self.method)
+                if isinstance(getattr(self.method, f.name), RunRef)}
 
     def replace(self, **sections: dict) -> "Config":
         """A copy with some section fields changed, validated again."""
@@ -198,6 +203,12 @@ _SECTION_TYPES = {
     "tracking": TrackingConfig,
     "scaling": ScalingConfig,
 }
+
+
+def _plain(section: Any) -> dict:
+    """A section as plain YAML values (run references as their `RUN[@STEP]` text)."""
+    return {f.name: str(v) if isinstance(v, RunRef) else copy.deepcopy(v)
+            for f in dataclasses.fields(section) for v in [getattr(section, f.name)]}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -357,6 +368,10 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if not math.isfinite(number):  # YAML reads 1e400 as infinity, and .nan is a float
             raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return number
+    if hint is RunRef:
+        if isinstance(value, RunRef):
+            return value
+        return RunRef.parse(value, key)
     if hint is str:
         if isinstance(value, str):
             return value

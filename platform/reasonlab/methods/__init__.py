@@ -2,6 +2,7 @@
 from reasonlab.methods.autoregressive import AutoregressiveMethod, ExplicitCoT, NoCoT
 from reasonlab.methods.base import IGNORE, Method, MethodParams
 from reasonlab.methods.diffusion import DiffusionMethod
+from reasonlab.methods.distill import KDCoupled, KDEmulator, KDStudent
 from reasonlab.methods.internalize import StepwiseInternalization
 from reasonlab.methods.qa import AnswerOnly
 
@@ -11,6 +12,9 @@ METHODS: dict[str, type[Method]] = {
     "qa": AnswerOnly,
     "diffusion": DiffusionMethod,
     "internalize": StepwiseInternalization,
+    "kd_student": KDStudent,  # ICoT-KD's three stages after an explicit-CoT teacher (jobs/icot_kd.yaml)
+    "kd_emulator": KDEmulator,
+    "kd_coupled": KDCoupled,
 }
 
 

@@ -6,6 +6,8 @@ reproduces their token ids exactly.
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -16,12 +18,16 @@ from reasonlab.tasks import Example
 
 @torch.inference_mode()
 def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
-           eos_id: int, stop_after: int, generator: torch.Generator | None = None) -> torch.Tensor:
+           eos_id: int, stop_after: int, generator: torch.Generator | None = None,
+           prefill: contextlib.AbstractContextManager | None = None) -> torch.Tensor:
     """Greedy continuation of left-padded prompts with the KV cache; row i stops once it has written
     `stop_after` EOS tokens (explicit-CoT targets hold two) and then emits EOS as padding. With a
-    `generator`, tokens are sampled from the model's distribution instead (temperature 1)."""
+    `generator`, tokens are sampled from the model's distribution instead (temperature 1). `prefill` is
+    active during the prompt's forward only (ICoT-KD substitutes states there; later tokens see them
+    through the cache)."""
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True)
+    with prefill or contextlib.nullcontext():
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True)
     eos_seen = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
     generated = []
     for _ in range(max_new_tokens):
@@ -72,11 +78,14 @@ class AutoregressiveMethod(Method):
             labels[row, start:length] = ids[start:]
         return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
 
+    def logits(self, model, batch: dict[str, torch.Tensor], width: int) -> torch.Tensor:
+        """The model's logits over the batch's first `width` columns."""
+        return model(input_ids=batch["input_ids"][:, :width], attention_mask=batch["attention_mask"][:, :width]).logits
+
     def loss(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         """Mean cross-entropy over target tokens (labels shifted by one)."""
         width = int(batch["attention_mask"].sum(1).max())  # drop all-padding columns
-        logits = model(input_ids=batch["input_ids"][:, :width],
-                       attention_mask=batch["attention_mask"][:, :width]).logits
+        logits = self.logits(model, batch, width)
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:width].flatten(),
                                ignore_index=IGNORE)
         return loss, {}
@@ -85,13 +94,17 @@ class AutoregressiveMethod(Method):
                       device: torch.device, generator: torch.Generator, sample: bool = False,
                       steps: int | None = None) -> list[str]:
         """Token by token from the left-padded prompts, with the KV cache."""
-        eos = tokenizer.eos_token
-        enc = tokenizer([self.prompt_text(e, eos) for e in examples], add_special_tokens=False, padding=True,
-                        padding_side="left", return_tensors="pt", return_token_type_ids=False).to(device)
+        enc = self.prompt_batch(examples, tokenizer, device)
         out = decode(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=max_new_tokens,
                      eos_id=tokenizer.eos_token_id, stop_after=self.eos_in_target,
                      generator=generator if sample else None)
         return tokenizer.batch_decode(out.tolist(), skip_special_tokens=False)
+
+    def prompt_batch(self, examples: list[Example], tokenizer, device: torch.device) -> dict[str, torch.Tensor]:
+        """The examples' ` prompt <eos>` token ids, left-padded (every prompt's EOS in the last column)."""
+        eos = tokenizer.eos_token
+        return tokenizer([self.prompt_text(e, eos) for e in examples], add_special_tokens=False, padding=True,
+                         padding_side="left", return_tensors="pt", return_token_type_ids=False).to(device)
 
 
 class NoCoT(AutoregressiveMethod):

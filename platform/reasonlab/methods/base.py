@@ -8,7 +8,7 @@ The hooks, in the order a run meets them:
   check_config(cfg)          rules that cross sections, before anything starts (ConfigError, one line)
   setup(task, tokenizer)     once wherever the method meets its task and tokenizer (driver, data workers,
                              training workers): facts that need both, such as the longest chain of thought
-  build_model(cfg, tokenizer, max_len, device)
+  build_model(cfg, tokenizer, max_len, device, inputs)   inputs: the finished runs it reads (a teacher)
   encode(examples, tokenizer, seq_len, indices)   in Ray Data; `indices` are the examples' stream indices,
                              so anything random per example is a function of the index and resumes exactly
   loss(model, batch) -> (loss, metrics)           inside the module DDP wraps (loop.MethodModule)
@@ -88,8 +88,10 @@ class Method:
         return " ".join(body.rpartition("####")[2].replace(",", "").split())
 
     # ---- model ----
-    def build_model(self, cfg, tokenizer, max_len: int, device: torch.device):
-        """A causal LM from the `model:` section (or its `pretrained` path): what this method trains."""
+    def build_model(self, cfg, tokenizer, max_len: int, device: torch.device, inputs: dict | None = None):
+        """A causal LM from the `model:` section (or its `pretrained` path): what this method trains.
+        `inputs`: the finished runs the job's method section names (`runs.LoadedRun` by field, e.g.
+        `teacher`), when training; frozen ones stay on the method, outside the returned module."""
         from reasonlab.models.causal import build_causal_lm
 
         return build_causal_lm(cfg, len(tokenizer), max_len, tokenizer.eos_token_id, device)

@@ -189,7 +189,7 @@ class DiffusionMethod(Method):
                 "attention_mask": np.ones((n, seq_len), dtype=np.int64)}
 
     # ---- the model ----
-    def build_model(self, cfg, tokenizer, max_len: int, device: torch.device):
+    def build_model(self, cfg, tokenizer, max_len: int, device: torch.device, inputs: dict | None = None):
         """A bidirectional diffusion transformer from the `model:` section (or its `pretrained` path)."""
         from reasonlab.models.diffusion import build_diffusion_lm
 

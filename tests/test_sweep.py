@@ -145,7 +145,7 @@ def test_a_steps_sweep_trains_once_and_evaluates_each_t_in_a_child_run(ray_head,
 
 
 def test_steps_table_and_plot_put_the_baselines_beside_the_trials(tmp_path):
-    from reasonlab.studies import steps_analysis
+    from reasonlab.studies.steps import steps_analysis
     from reasonlab.tracking import local_artifact_root
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -16,17 +16,19 @@ def _fail(message: str) -> int:
 
 
 def cmd_train(args) -> int:
-    from reasonlab.config import load_config
+    from reasonlab.stages import Pipeline, load_job
 
-    cfg = load_config(args.job, args.overrides)
+    job = load_job(args.job, args.overrides)
+    from reasonlab.stages import run_pipeline
     from reasonlab.train import TrainingFailed, run_training  # Ray is imported only for a valid job
 
     try:
-        outcome = run_training(cfg)
+        outcome = run_pipeline(job) if isinstance(job, Pipeline) else run_training(job)
     except TrainingFailed as e:
         print(f"reasonlab: {e}", file=sys.stderr)
         return 1
-    print(f"\nfinished run {outcome.run_name}: MLflow run id {outcome.run_id}\n"
+    what = "staged job" if isinstance(job, Pipeline) else "run"
+    print(f"\nfinished {what} {outcome.run_name}: MLflow run id {outcome.run_id}\n"
           f"  tracking store: {outcome.tracking_uri}\n"
           f"  look at it with: reasonlab ui   (then open {outcome.ui_path})")
     return 0
@@ -36,6 +38,7 @@ def cmd_sweep(args) -> int:
     from reasonlab.sweep import load_sweep
 
     sweep = load_sweep(args.sweep, args.overrides)
+    from reasonlab.compare import Comparison
     from reasonlab.sweep import run_sweep  # Ray is imported only for a valid sweep
     from reasonlab.train import TrainingFailed
 
@@ -44,7 +47,8 @@ def cmd_sweep(args) -> int:
     except TrainingFailed as e:  # the model (or a baseline) an eval-only sweep trains first
         print(f"reasonlab: {e}", file=sys.stderr)
         return 1
-    print(f"\nfinished sweep {sweep.name}: MLflow parent run id {parent} (trials.csv among its artifacts)\n"
+    table = "comparison.csv" if isinstance(sweep, Comparison) else "trials.csv"
+    print(f"\nfinished sweep {sweep.name}: MLflow parent run id {parent} ({table} among its artifacts)\n"
           f"  look at it with: reasonlab ui")
     return 0
 
@@ -70,7 +74,7 @@ def cmd_data_sample(args) -> int:
 
 
 def cmd_capacity(args) -> int:
-    from reasonlab.studies import capacity_report
+    from reasonlab.studies.capacity import capacity_report
 
     sys.stdout.write(capacity_report(args.run_id, args.scheme, args.out, log=args.log))
     return 0

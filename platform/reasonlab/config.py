@@ -243,6 +243,14 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     return config_from_dict(data, job=path.stem)
 
 
+def override_list(value: Any, where: str) -> list[str]:
+    """A file's list of KEY=VALUE overrides (absent: none)."""
+    value = value or []
+    if not isinstance(value, list) or not all(isinstance(o, str) for o in value):
+        raise ConfigError(f"{where}: expected a list of KEY=VALUE strings")
+    return value
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> None:
     """Set `a.b=value` in a nested dict; values are parsed as YAML scalars."""
     for item in overrides:

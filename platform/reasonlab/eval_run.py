@@ -23,10 +23,11 @@ TRAINED_RUN_TAG = "reasonlab.trained_run"
 
 
 def evaluate_trained(cfg: Config, trained_run_id: str, run_name: str, parent_run_id: str | None = None,
-                     threads: int | None = None) -> dict[str, float]:
+                     threads: int | None = None, split: str = "valid") -> dict[str, float]:
     """Evaluate the model of run `trained_run_id` with `cfg`'s eval and sampling settings on the
-    validation sets; logs params, metrics and predictions into a new run (a child of
-    `parent_run_id`) and returns the metrics."""
+    validation sets (`eval.num_examples` of each) or the test sets (`split="test"`, `eval.test_examples`);
+    logs params, metrics and predictions into a new run (a child of `parent_run_id`) and returns the
+    metrics."""
     import transformers
     from mlflow.entities import Metric
 
@@ -46,14 +47,16 @@ def evaluate_trained(cfg: Config, trained_run_id: str, run_name: str, parent_run
         with tempfile.TemporaryDirectory() as d:
             path = run.client.download_artifacts(trained_run_id, "model", d)
             tokenizer = load_tokenizer(run.client.download_artifacts(trained_run_id, "tokenizer", d))
+            method.setup(task, tokenizer)
             seq_len, max_new_tokens, max_len = run_lengths(cfg, task, method, tokenizer)
             model_cfg = dataclasses.replace(cfg.model, pretrained=path, n_params=None)
             model = method.build_model(model_cfg, tokenizer, max_len, device)
         run.log_params({"n_params": count_parameters(model)})
         spec = {"max_new_tokens": max_new_tokens, "seq_len": seq_len}
         metrics, predictions = {}, []
-        for prefix, examples in task.eval_sets("valid").items():
-            result = evaluate(model, tokenizer, method, examples[: cfg.eval.num_examples],
+        count = cfg.eval.num_examples if split == "valid" else cfg.eval.test_examples
+        for prefix, examples in task.eval_sets(split).items():
+            result = evaluate(model, tokenizer, method, examples[:count],
                               batch_size=cfg.eval.batch_size, **eval_options(cfg, spec), device=device)
             metrics.update(result.metrics(prefix))
             predictions += [{"set": prefix, **p} for p in result.predictions[: cfg.eval.log_predictions]]

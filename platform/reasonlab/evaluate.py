@@ -19,9 +19,19 @@ class EvalResult:
     examples_per_sec: float
     num_examples: int
     predictions: list[dict]
+    tokens_per_example: float = float("nan")  # generated up to the stop, EOS included (first sample)
 
     def metrics(self, prefix: str) -> dict[str, float]:
-        return {f"{prefix}/accuracy": self.accuracy, f"{prefix}/examples_per_sec": self.examples_per_sec}
+        return {f"{prefix}/accuracy": self.accuracy, f"{prefix}/examples_per_sec": self.examples_per_sec,
+                f"{prefix}/tokens_per_example": self.tokens_per_example}
+
+
+def generated_tokens(texts: list[str], tokenizer, stop_after: int) -> list[int]:
+    """Tokens each text holds up to its `stop_after`-th EOS (included): what decoding had to produce."""
+    eos = tokenizer.eos_token
+    kept = [eos.join(text.split(eos)[:stop_after]) for text in texts]
+    ids = tokenizer(kept, add_special_tokens=False)["input_ids"]
+    return [len(i) + min(stop_after, text.count(eos)) for i, text in zip(ids, texts)]
 
 
 def autocast_context(device: torch.device, precision: str):
@@ -84,7 +94,9 @@ def evaluate(model, tokenizer, method, examples: list[Example], *, batch_size: i
             prediction["votes"] = drawn[i]
         predictions.append(prediction)
     n = len(examples)
-    return EvalResult(correct / max(n, 1), n / elapsed if elapsed > 0 else float("inf"), n, predictions)
+    tokens = generated_tokens([outputs[i][0] for i in range(n)], tokenizer, method.eos_in_target)
+    return EvalResult(correct / max(n, 1), n / elapsed if elapsed > 0 else float("inf"), n, predictions,
+                      float(np.mean(tokens)) if tokens else float("nan"))
 
 
 @torch.inference_mode()

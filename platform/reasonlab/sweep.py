@@ -30,7 +30,8 @@ from pathlib import Path
 
 import yaml
 
-from reasonlab.config import Config, ConfigError, load_config, read_yaml_mapping
+from reasonlab.config import Config, ConfigError, load_config, override_list, read_yaml_mapping
+from reasonlab.runref import RunRef
 
 SWEEP_KEYS = {"base", "overrides", "grid", "max_concurrent_trials", "trained_run", "baselines"}
 SAMPLING_KEYS = {"method.sampler", "method.steps", "method.greedy"}  # change generation, not training
@@ -68,19 +69,21 @@ def _override(key: str, value) -> str:
     return f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
 
 
-def load_sweep(path: str | Path, cli_overrides: list[str] = ()) -> Sweep:
-    """Read and validate a sweep file; every trial's job is validated too."""
+def load_sweep(path: str | Path, cli_overrides: list[str] = ()):
+    """Read and validate a sweep file (a Sweep, or a compare.Comparison); every trial's job is validated too."""
     path = Path(path)
     data = read_yaml_mapping(path, "sweep", "base, grid, ...")
+    if "compare" in data:  # a method comparison (compare.py)
+        from reasonlab.compare import load_comparison
+
+        return load_comparison(path, data, list(cli_overrides))
     unknown = sorted(set(data) - SWEEP_KEYS)
     if unknown:
         raise ConfigError(f"{path}: {unknown[0]}: unknown key; expected one of {sorted(SWEEP_KEYS)}")
     if not data.get("base"):
         raise ConfigError(f"{path}: base: required (the job file every trial starts from)")
     base = (path.parent / str(data["base"])).resolve()
-    overrides = data.get("overrides") or []
-    if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
-        raise ConfigError(f"{path}: overrides: expected a list of KEY=VALUE strings")
+    overrides = override_list(data.get("overrides"), f"{path}: overrides")
     grid = data.get("grid")
     if not isinstance(grid, dict) or not grid:
         raise ConfigError(f"{path}: grid: empty; expected at least one parameter with a list of values")
@@ -132,43 +135,30 @@ def _resolve_runs(sweep: Sweep, data: dict, path: Path) -> None:
             refs.append(ref)
     if trained is None and not refs:
         return
-    from mlflow.tracking import MlflowClient
-
-    from reasonlab.tracking import find_run, tracking_uri
+    from reasonlab.tracking import check_same_params, find_run, lookup_client, resolve_ref
 
     cfg = sweep.base_config()
-    uri = tracking_uri(cfg)
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        raise ConfigError(f"{path}: {'trained_run' if trained else 'baselines'}: no run with id or name "
-                          f"{trained or refs[0]!r}: there are no runs at {uri} yet")
-    client = MlflowClient(uri)
-    if trained is not None:
-        run = find_run(client, cfg.tracking.experiment, trained, f"{path}: trained_run")
-        if run.info.status != "FINISHED" or not any(a.path == "model" for a in client.list_artifacts(run.info.run_id)):
-            raise ConfigError(f"{path}: trained_run: run {trained!r} has no saved model (status {run.info.status}); "
-                              f"only finished runs do")
-        _check_trained_for(run, trained, cfg, ("task.", "method."), f"{path}: trained_run")
+    what = f"{path}: {'trained_run' if trained is not None else 'baselines'}"
+    client = lookup_client(cfg, what, trained if trained is not None else refs[0])
+    if trained is not None:  # a run reference like any other: finished, with a model, same task and method
+        ref = RunRef.parse(trained, f"{path}: trained_run")
+        run = resolve_ref(client, cfg, ref, f"{path}: trained_run", ("task.", "method."), ignore=SAMPLING_KEYS)
         sweep.trained_run = run.info.run_id
-    for ref in refs:
+    for ref in refs:  # drawn beside the trials from their metrics; no model needed
         run = find_run(client, cfg.tracking.experiment, ref, f"{path}: baselines")
         if "eval/accuracy" not in run.data.metrics:
             raise ConfigError(f"{path}: baselines: run {ref!r} has no eval/accuracy to compare with")
-        _check_trained_for(run, ref, cfg, ("task.",), f"{path}: baselines")
+        check_same_params(run, ref, cfg, ("task.",), f"{path}: baselines")
         sweep.baselines[run.info.run_id] = run.info.run_name
 
 
-def _check_trained_for(run, ref: str, cfg: Config, sections: tuple[str, ...], what: str) -> None:
-    """The run was trained on this job's task (and method): same params under `sections`."""
-    for key, value in cfg.flat().items():
-        if key.startswith(sections) and key not in SAMPLING_KEYS and key in run.data.params \
-                and run.data.params[key] != str(value):
-            raise ConfigError(f"{what}: run {ref!r} was trained with {key}={run.data.params[key]}, "
-                              f"the base job has {value}")
-
-
-def run_sweep(sweep: Sweep) -> str:
+def run_sweep(sweep) -> str:
     """Run every trial on Ray Tune, each logged as a child run of one parent run; returns the parent
     MLflow run id."""
+    from reasonlab.compare import Comparison, run_comparison
+
+    if isinstance(sweep, Comparison):
+        return run_comparison(sweep)
     import ray
     from ray import tune
 
@@ -223,7 +213,7 @@ def _training_trials(sweep: Sweep, sweep_name: str, parent, base_cfg: Config, pi
     import ray
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from reasonlab.studies import sweep_analyses
+    from reasonlab.studies import Study, run_analyses
     from reasonlab.train import run_training
 
     extra = list(pinned)
@@ -241,7 +231,8 @@ def _training_trials(sweep: Sweep, sweep_name: str, parent, base_cfg: Config, pi
         run_training(cfg, parent_run_id=parent_id, callbacks=[TuneReportCallback()])
 
     # the trial only drives its trainer
-    return trial, {"CPU": TRIAL_CPUS}, lambda: sweep_analyses(parent.client, parent_id)
+    configs = [sweep.trial_config(i) for i in range(len(sweep.trials))]
+    return trial, {"CPU": TRIAL_CPUS}, lambda: run_analyses(Study(parent.client, parent_id, configs, sweep.grid))
 
 
 def _evaluation_trials(sweep: Sweep, sweep_name: str, parent, base_cfg: Config, pinned: list[str]) -> tuple:
@@ -250,21 +241,20 @@ def _evaluation_trials(sweep: Sweep, sweep_name: str, parent, base_cfg: Config, 
     from ray import tune
 
     from reasonlab.eval_run import TRAINED_RUN_TAG, evaluate_trained
-    from reasonlab.studies import steps_analysis
-    from reasonlab.train import run_training
+    from reasonlab.stages import train_or_reuse
+    from reasonlab.studies import Study, run_analyses
 
     trained = sweep.trained_run
-    if trained is None:
+    if trained is None:  # trained like any stage: a finished run of that name would be reused
         print(f"training {sweep.base.name} once for all {len(sweep.trials)} evaluations", flush=True)
-        trained = run_training(sweep.base_config([f"tracking.run_name={sweep_name}-train"])).run_id
+        trained = train_or_reuse(sweep.base_config(), f"{sweep_name}-train")
     else:
         print(f"evaluating the model of run {trained}", flush=True)
     parent.client.set_tag(parent.run_id, TRAINED_RUN_TAG, trained)
     baselines = dict(sweep.baselines)
     for i, (job, overrides, label) in enumerate(sweep.baseline_jobs):
         print(f"training baseline {label}", flush=True)
-        name = f"tracking.run_name={sweep_name}-baseline{i}"
-        baselines[run_training(load_config(job, [*overrides, name])).run_id] = label
+        baselines[train_or_reuse(load_config(job, overrides), f"{sweep_name}-baseline{i}")] = label
     parent_id = parent.run_id
     scaling = base_cfg.scaling
     resources = {"CPU": scaling.cpus_per_worker or 1.0, **({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})}
@@ -276,7 +266,8 @@ def _evaluation_trials(sweep: Sweep, sweep_name: str, parent, base_cfg: Config, 
         cfg = sweep.trial_config(index, pinned)
         tune.report(evaluate_trained(cfg, trained, f"{sweep_name}-t{index}", parent_id, threads=threads))
 
-    return trial, resources, lambda: steps_analysis(parent.client, parent_id, sweep.grid, baselines)
+    study = Study(parent.client, parent_id, [base_cfg], sweep.grid, eval_only=True, baselines=baselines)
+    return trial, resources, lambda: run_analyses(study)
 
 
 def _children(parent) -> list:

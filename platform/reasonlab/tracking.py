@@ -7,6 +7,7 @@ tracking URI, so it travels with the run id.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -15,8 +16,10 @@ from mlflow.entities import Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 
 from reasonlab.config import Config, ConfigError
+from reasonlab.runref import RunRef
 
 RUN_NAME_TAG = "reasonlab.run_name"
+FINAL_RUN_TAG = "reasonlab.final_run"  # on a staged job's parent run: the run of its last stage
 MAX_PARAM_LENGTH = 6000
 
 
@@ -76,6 +79,64 @@ def find_run(client: MlflowClient, experiment: str, ref: str, what: str):
     return runs[0]
 
 
+def lookup_client(cfg: Config, what: str, ref: str) -> MlflowClient:
+    """A client of the job's tracking store for looking runs up; a local store that does not exist yet
+    holds no runs (and is not created by looking)."""
+    uri = tracking_uri(cfg)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise ConfigError(f"{what}: no run with id or name {ref!r}: there are no runs at {uri} yet")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # our own lines say what happens
+    return MlflowClient(uri)
+
+
+def snapshot_path(step: int) -> str:
+    """Where a run keeps the model saved at `step` (beside `model/`, the final one)."""
+    return f"snapshots/step_{step:08d}"
+
+
+def resolve_ref(client: MlflowClient, cfg: Config, ref: RunRef, what: str, sections: tuple[str, ...] = ("task.",),
+                ignore: tuple[str, ...] | set[str] = ()):
+    """The finished run `ref` names, checked before anything starts: it exists in the job's experiment,
+    FINISHED, with a saved model (or the snapshot at `ref.step`), trained on the same task (params under
+    `sections` equal). A staged job's parent run stands for its last stage."""
+    run = find_run(client, cfg.tracking.experiment, ref.run, what)
+    final = run.data.tags.get(FINAL_RUN_TAG)
+    if final and run.info.status == "FINISHED":
+        run = client.get_run(final)
+    if run.info.status != "FINISHED":
+        raise ConfigError(f"{what}: run {ref.run!r} is {run.info.status}, not FINISHED; only a finished run's "
+                          f"model can be used")
+    folder = "model" if ref.step is None else snapshot_path(ref.step)
+    under = folder.rpartition("/")[0] or None
+    if not any(a.path == folder for a in client.list_artifacts(run.info.run_id, under)):
+        raise ConfigError(f"{what}: run {ref.run!r} has no {'saved model' if ref.step is None else folder}")
+    check_same_params(run, ref.run, cfg, sections, what, ignore)
+    return run
+
+
+def check_same_params(run, ref: str, cfg: Config, sections: tuple[str, ...], what: str,
+                      ignore: tuple[str, ...] | set[str] = ()) -> None:
+    """The run was trained with this job's values under `sections` (e.g. the same task)."""
+    for key, value in cfg.flat().items():
+        if key.startswith(sections) and key not in ignore and key in run.data.params \
+                and run.data.params[key] != str(value)[:MAX_PARAM_LENGTH]:
+            raise ConfigError(f"{what}: run {ref!r} was trained with {key}={run.data.params[key]}, "
+                              f"this job has {value}")
+
+
+def download_run(client: MlflowClient, run_id: str, step: int | None, directory: str) -> str:
+    """A run's `config.yaml` and its model (final, or the snapshot at `step`) as `model/` in
+    `directory`, the layout runs.load_run_dir reads."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    client.download_artifacts(run_id, "config.yaml", directory)
+    if step is None:
+        client.download_artifacts(run_id, "model", directory)
+    else:
+        path = client.download_artifacts(run_id, snapshot_path(step), directory)
+        os.rename(path, os.path.join(directory, "model"))
+    return directory
+
+
 class DriverRun:
     """The MLflow run of one training run, owned by the driver."""
 
@@ -112,6 +173,24 @@ class DriverRun:
 
     def log_artifacts(self, local_dir: str, artifact_path: str | None = None) -> None:
         self.client.log_artifacts(self.run_id, local_dir, artifact_path)
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    @contextlib.contextmanager
+    def closing(self):
+        """The run ends FINISHED when the block completes, KILLED on Ctrl-C or exit (re-raised as
+        KeyboardInterrupt), FAILED on any other exception: never left RUNNING."""
+        status = "FAILED"
+        try:
+            yield self
+            status = "FINISHED"
+        except (KeyboardInterrupt, SystemExit):
+            status = "KILLED"
+            raise KeyboardInterrupt from None
+        finally:
+            self.end(status)
 
     def end(self, status: str) -> None:
         self.client.set_terminated(self.run_id, RunStatus.to_string(RunStatus.from_string(status)))

@@ -48,7 +48,9 @@ def train_loop_per_worker(spec: dict) -> None:
     tokenizer = tokenizer_from_files(spec["tokenizer"])
     task, method = make_task(cfg.task), make_method(cfg.method, cfg)
     method.setup(task, tokenizer)
-    model = method.build_model(cfg.model, tokenizer, spec["max_len"], device)
+    with tempfile.TemporaryDirectory() as d:  # the finished runs the method reads (a teacher), frozen
+        inputs = load_inputs(spec, d, device)
+        model = method.build_model(cfg.model, tokenizer, spec["max_len"], device, inputs)
     loop = TrainLoop(model, method, cfg.train, device, wrap=ray.train.torch.prepare_model)  # DDP across workers
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -134,6 +136,22 @@ def train_loop_per_worker(spec: dict) -> None:
     if rank == 0:
         # the loop's last evaluation is at max_steps: its capacity measurement is the final one
         finish_run(model, tokenizer, method, task, cfg, spec, device, logger, sizes, capacity)
+
+
+def load_inputs(spec: dict, directory: str, device) -> dict:
+    """The runs the driver resolved for the method's references, downloaded under `directory` and rebuilt
+    with their own configs: field → runs.LoadedRun."""
+    from mlflow.tracking import MlflowClient
+
+    from reasonlab.runs import load_run_dir
+    from reasonlab.tracking import download_run
+
+    client = MlflowClient(spec["tracking_uri"])
+    inputs = {}
+    for field_name, (run_id, step) in spec.get("inputs", {}).items():
+        folder = download_run(client, run_id, step, os.path.join(directory, field_name))
+        inputs[field_name] = load_run_dir(folder, device)
+    return inputs
 
 
 def finish_run(model, tokenizer, method, task, cfg: Config, spec: dict, device, logger, sizes: dict,
@@ -261,7 +279,10 @@ class TrainOutcome:
 def prepare_run(cfg: Config) -> dict:
     """Everything the workers need that the driver computes once: tokenizer, lengths."""
     task, method = make_task(cfg.task), make_method(cfg.method, cfg)
-    if cfg.model.pretrained and _has_tokenizer(cfg.model.pretrained):
+    inputs, input_tokenizer = resolve_inputs(cfg)
+    if input_tokenizer is not None:  # the same token ids as the runs it reads
+        tokenizer = input_tokenizer
+    elif cfg.model.pretrained and _has_tokenizer(cfg.model.pretrained):
         tokenizer = load_tokenizer(cfg.model.pretrained)
     else:
         tokenizer = build_tokenizer(task)
@@ -275,10 +296,30 @@ def prepare_run(cfg: Config) -> dict:
     for ids in tokenizer(list(task.corpus()), add_special_tokens=False)["input_ids"]:
         used.update(ids)
     spec = {"config": config, "job": cfg.job, "tokenizer": tokenizer_files(tokenizer), "seq_len": seq_len,
-            "max_len": max_len, "max_new_tokens": max_new_tokens, "used_token_ids": sorted(used)}
+            "max_len": max_len, "max_new_tokens": max_new_tokens, "used_token_ids": sorted(used), "inputs": inputs}
     # names the (task, method, tokenizer) encoder, so Ray Data workers build it once, not per batch
     spec["encoder_key"] = hashlib.sha1(pickle.dumps([spec["config"], spec["tokenizer"], seq_len])).hexdigest()
     return spec
+
+
+def resolve_inputs(cfg: Config) -> tuple[dict, object | None]:
+    """The finished runs the job's method names (`method.teacher: RUN`), checked before anything starts
+    (ConfigError): field → (run id, snapshot step); and the tokenizer of the first, which this run uses."""
+    refs = cfg.run_refs()
+    if not refs:
+        return {}, None
+    from reasonlab.tracking import lookup_client, resolve_ref
+
+    field_name, ref = next(iter(refs.items()))
+    client = lookup_client(cfg, f"method.{field_name}", ref.run)
+    inputs = {}
+    for field_name, ref in refs.items():
+        run = resolve_ref(client, cfg, ref, f"method.{field_name}")
+        inputs[field_name] = (run.info.run_id, ref.step)
+    with tempfile.TemporaryDirectory() as d:
+        first = next(iter(inputs.values()))[0]
+        tokenizer = load_tokenizer(client.download_artifacts(first, "tokenizer", d))
+    return inputs, tokenizer
 
 
 def run_lengths(cfg: Config, task, method, tokenizer) -> tuple[int, int, int]:
@@ -354,6 +395,8 @@ def run_training(cfg: Config, parent_run_id: str | None = None, callbacks: list 
                  out=sys.stdout) -> TrainOutcome:
     """Train one job on Ray, tracked as one MLflow run (a child of `parent_run_id` in a sweep).
     Resumes a run of the same name. `callbacks` are Ray Train UserCallbacks, e.g. Tune's reporter."""
+    run_name = cfg.tracking.run_name or f"{cfg.job}-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(2).hex()}"
+    spec = prepare_run(cfg)  # bad input (a run reference) stops here, before Ray or a run exists
     import ray
     import ray.data
     import ray.train
@@ -362,8 +405,6 @@ def run_training(cfg: Config, parent_run_id: str | None = None, callbacks: list 
     from reasonlab.data import train_dataset
     from reasonlab.tracking import DriverRun, storage_path
 
-    run_name = cfg.tracking.run_name or f"{cfg.job}-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(2).hex()}"
-    spec = prepare_run(cfg)
     cfg = config_from_dict(spec["config"], job=cfg.job)  # with the derived sizes, so they are logged
     run = DriverRun(cfg, run_name, parent_run_id=parent_run_id)
     storage = storage_path(cfg)

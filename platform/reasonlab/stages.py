@@ -14,7 +14,8 @@ A stage is the shared sections with its own merged in (its `method:` replaces th
 reference (`method.teacher: ...`) that names a stage of the job means that stage's model; anything else
 is a finished run's id or name, e.g. to reuse one teacher for several students. Command-line overrides
 apply to every stage (`train.max_steps=50` shortens them all; a `method.KEY` override to the stages whose
-method has KEY), and `stages.NAME.KEY=VALUE` to one. Stages run in dependency order; a pipeline restarted
+method has KEY), `stages.NAME.KEY=VALUE` to one, and `stages.NAME=null` drops a stage whose model a finished
+run provides instead. Stages run in dependency order; a pipeline restarted
 with the same `tracking.run_name` skips its finished stages and resumes the unfinished one from its
 checkpoints. Every stage, reference and order is checked before anything starts.
 
@@ -68,6 +69,15 @@ def _pipeline(path: Path, data: dict, overrides: list[str]) -> Pipeline:
     stages = data.pop("stages")
     if not isinstance(stages, dict) or not stages:
         raise ConfigError(f"{path}: stages: expected a mapping of stage names to job sections")
+    dropped = [o.partition("=")[0].removeprefix("stages.") for o in overrides
+               if o.startswith("stages.") and o.partition("=")[0].count(".") == 1 and o.partition("=")[2] in ("null", "")]
+    for name in dropped:  # `stages.NAME=null`: the job without that stage (a finished run stands in for it)
+        if name not in stages:
+            raise ConfigError(f"stages.{name}=null: no stage {name!r}; the stages are {list(stages)}")
+        del stages[name]
+    overrides = [o for o in overrides if o.partition("=")[0].removeprefix("stages.") not in dropped]
+    if not stages:
+        raise ConfigError(f"{path}: stages: every stage was dropped")
     for name, body in stages.items():
         if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name):
             raise ConfigError(f"{path}: stages: {name!r}: expected a name of letters, digits, '_' or '-'")

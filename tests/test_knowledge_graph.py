@@ -199,7 +199,7 @@ def test_the_stream_is_index_addressed_and_reshuffled_every_epoch():
     ({"kind": "comparison", "entities": 10, "ood_ratio": 0.1}, "ood_ratio"),  # one OOD entity: no OOD pair
     ({"kind": "triangles"}, "kind"),
     # what only the graph tells: more inferred facts than it has, none held out, no OOD path
-    ({"entities": 100, "relations_per_entity": 4, "phi": 10}, "phi"),
+    ({"entities": 100, "relations_per_entity": 4, "phi": 10}, "phi"), ({"phi": 1e-6}, "phi"),
     ({"entities": 100, "relations_per_entity": 4, "phi": 1, "id_test_ratio": 1e-6}, "id_test_ratio"),
     ({"entities": 100, "relations_per_entity": 2, "ood_ratio": 0.01, "phi": 1, "id_test_ratio": 0.2}, "ood_ratio"),
 ])

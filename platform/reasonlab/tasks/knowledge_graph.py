@@ -3,7 +3,7 @@ capacity_and_grokking.md §2, turn2_additions.md §3), generated as the paper's 
 
 composition: |E| entities and |R| relations; each head entity has `relations_per_entity` distinct
   relations, each to a uniformly random tail. An atomic fact is (h, r) → t, and a share `ood_ratio` of the
-  atomic facts is OOD. An inferred fact is (h, r1, r2) → t through the bridge b, (h, r1) → b, (b, r2) → t.
+  atomic facts is OOD (drawn fact by fact, as composition.ipynb does, not entity by entity). An inferred fact is (h, r1, r2) → t through the bridge b, (h, r1) → b, (b, r2) → t.
   Both hops ID: an ID inferred fact, held out for `test_inferred_id` with probability `id_test_ratio`, in
   the training pool otherwise; both hops OOD: `test_inferred_ood`; one of each: not used.
 comparison: |E| entities and `attributes` attributes with `values` ordinal values, uniform per (entity,
@@ -241,10 +241,12 @@ def _knowledge_graph(frozen: tuple) -> KnowledgeGraph:
         pool.offer(_hash(p, _POOL, trainable), trainable)
         test_id.offer(_hash(p, _SAMPLE, held_id), held_id)
         test_ood.offer(_hash(p, _SAMPLE, both_ood), both_ood)
-    if want < 1 or want > pool.total:
+    if want < 1:
+        raise ConfigError(f"task.phi: {p.phi} × {n_id_atomic} ID atomic facts rounds to no inferred fact to train on; "
+                          f"expected at least {0.5 / n_id_atomic:.2g}")
+    if want > pool.total:
         raise ConfigError(f"task.phi: {p.phi} × {n_id_atomic} ID atomic facts = {want} inferred facts to train on; "
-                          f"the graph has {pool.total} (φ at most {pool.total / n_id_atomic:.3g}, at least "
-                          f"{0.5 / n_id_atomic:.2g})")
+                          f"the graph has {pool.total} (φ at most {pool.total / n_id_atomic:.3g})")
     if not test_id.total:
         raise ConfigError(f"task.id_test_ratio: {p.id_test_ratio} of {pool.total} ID inferred facts holds none out "
                           f"for test_inferred_id; raise it")

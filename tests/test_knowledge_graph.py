@@ -76,11 +76,17 @@ def test_paper_settings_give_the_papers_counts():
     assert 0.09 < c["inferred_test_id"] / (20 * 900 * 899) < 0.11
 
 
-def test_composition_splits_follow_from_the_atomic_facts():
-    task = _task(**SMALL["composition"])
+@pytest.mark.parametrize("ood_split", ["fact", "entity"])
+def test_composition_splits_follow_from_the_atomic_facts(ood_split):
+    task = _task(**SMALL["composition"], ood_split=ood_split)
     p = task.params
     table, ood = _atomic_table(task)
     assert len(table) == 40 * 4 and len(ood) == round(0.2 * 160)
+    ood_heads = {h for h, _ in ood}
+    if ood_split == "entity":  # every fact of an OOD head entity, and only those
+        assert len(ood_heads) == round(0.2 * 40) and ood == {k for k in table if k[0] in ood_heads}
+    else:
+        assert len(ood_heads) > round(0.2 * 40)  # facts drawn one by one spread over more heads
     for head in range(40):
         relations = [r for (h, r) in table if h == f"<e_{head}>"]
         assert len(relations) == len(set(relations)) == 4  # distinct relations per head entity
@@ -104,7 +110,7 @@ def test_composition_splits_follow_from_the_atomic_facts():
     assert set(atomic) == {(" ".join(k), v) for k, v in table.items()} and set(atomic.values()) == {1}
     # at the largest φ the graph allows, the pool is every ID inferred fact not held out
     c = task.counts()
-    full = _task(**{**SMALL["composition"], "phi": c["inferred_trainable"] / c["atomic_id"]})
+    full = _task(**{**SMALL["composition"], "ood_split": ood_split, "phi": c["inferred_trainable"] / c["atomic_id"]})
     assert {(e.prompt, e.answer) for e in _epoch(full) if e.prompt.count(" ") == 2} | test_id == set(both_id.items())
     assert p.id_test_ratio * 0.5 < len(test_id) / len(both_id) < p.id_test_ratio * 1.5
 
@@ -197,7 +203,8 @@ def test_the_stream_is_index_addressed_and_reshuffled_every_epoch():
     ({"entities": 1}, "entities"), ({"eval_size": 0}, "eval_size"), ({"relations": 0}, "relations"),
     ({"kind": "comparison", "values": 1}, "values"), ({"kind": "comparison", "attributes": 0}, "attributes"),
     ({"kind": "comparison", "entities": 10, "ood_ratio": 0.1}, "ood_ratio"),  # one OOD entity: no OOD pair
-    ({"kind": "triangles"}, "kind"),
+    ({"kind": "triangles"}, "kind"), ({"kind": "comparison", "ood_split": "fact"}, "ood_split"),
+    ({"ood_split": "entity", "entities": 10, "ood_ratio": 0.01}, "ood_ratio"), ({"ood_split": "heads"}, "ood_split"),
     # what only the graph tells: more inferred facts than it has, none held out, no OOD path
     ({"entities": 100, "relations_per_entity": 4, "phi": 10}, "phi"), ({"phi": 1e-6}, "phi"),
     ({"entities": 100, "relations_per_entity": 4, "phi": 1, "id_test_ratio": 1e-6}, "id_test_ratio"),

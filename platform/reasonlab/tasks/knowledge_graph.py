@@ -3,7 +3,8 @@ capacity_and_grokking.md §2, turn2_additions.md §3), generated as the paper's 
 
 composition: |E| entities and |R| relations; each head entity has `relations_per_entity` distinct
   relations, each to a uniformly random tail. An atomic fact is (h, r) → t, and a share `ood_ratio` of the
-  atomic facts is OOD (drawn fact by fact, as composition.ipynb does, not entity by entity). An inferred fact is (h, r1, r2) → t through the bridge b, (h, r1) → b, (b, r2) → t.
+  atomic facts is OOD: drawn fact by fact as composition.ipynb does, or (`ood_split: entity`) head entity
+  by head entity, all facts of an OOD head being OOD. An inferred fact is (h, r1, r2) → t through the bridge b, (h, r1) → b, (b, r2) → t.
   Both hops ID: an ID inferred fact, held out for `test_inferred_id` with probability `id_test_ratio`, in
   the training pool otherwise; both hops OOD: `test_inferred_ood`; one of each: not used.
 comparison: |E| entities and `attributes` attributes with `values` ordinal values, uniform per (entity,
@@ -37,8 +38,10 @@ from reasonlab.errors import ConfigError
 from reasonlab.tasks.base import Example, Task, counter_hash
 
 # the notebooks' settings (capacity_and_grokking.md §2.1), the defaults of the fields left at None
-PAPER_SETTINGS = {"composition": {"entities": 2000, "ood_ratio": 0.05, "id_test_ratio": 0.005},
-                  "comparison": {"entities": 1000, "ood_ratio": 0.1, "id_test_ratio": 0.1}}
+PAPER_SETTINGS = {
+    "composition": {"entities": 2000, "ood_ratio": 0.05, "ood_split": "fact", "id_test_ratio": 0.005},
+    "comparison": {"entities": 1000, "ood_ratio": 0.1, "ood_split": "entity", "id_test_ratio": 0.1},
+}
 # the named evaluation sets (the paper's probe types); atomic ones are trained, the test ones never
 EVAL_SETS = ("train_inferred", "id_atomic", "ood_atomic", "test_inferred_id", "test_inferred_ood")
 # template words of the answer-only methods (qa: `Question: … Answer:`; nocot: `#### answer`), so
@@ -62,6 +65,9 @@ class KnowledgeGraphParams:
     # composition: share of atomic facts that is OOD; comparison: share of entities OOD for each
     # attribute. None: the paper's (0.05, 0.1)
     ood_ratio: float | None = None
+    # composition: OOD atomic facts drawn one by one (the paper's) or as all facts of OOD head entities;
+    # comparison: entity (per attribute) only. None: the paper's
+    ood_split: Literal["fact", "entity"] | None = None
     phi: float = 7.2  # trained inferred facts per ID atomic fact
     # share of ID inferred facts (comparison: ID pairs) held out for test_inferred_id. None: the
     # paper's (0.005, 0.1)
@@ -97,8 +103,9 @@ class KnowledgeGraphParams:
             raise ConfigError(f"task.relations_per_entity: expected 1 to task.relations ({self.relations}) distinct "
                               f"relations per head entity, got {self.relations_per_entity}")
         atomic = self.entities * self.relations_per_entity
-        if not 1 <= round(self.ood_ratio * atomic) < atomic:
-            raise ConfigError(f"task.ood_ratio: {self.ood_ratio} of {atomic} atomic facts leaves no "
+        units, what = (atomic, "atomic facts") if self.ood_split == "fact" else (self.entities, "head entities")
+        if not 1 <= round(self.ood_ratio * units) < units:
+            raise ConfigError(f"task.ood_ratio: {self.ood_ratio} of {units} {what} leaves no "
                               f"{'OOD' if self.ood_ratio < 0.5 else 'ID'} atomic fact")
         if atomic * self.relations_per_entity > MAX_ENUMERATED:
             raise ConfigError(f"task.entities: {self.entities} entities × {self.relations_per_entity}² relations "
@@ -109,6 +116,9 @@ class KnowledgeGraphParams:
             raise ConfigError(f"task.attributes: expected at least 1, got {self.attributes}")
         if self.values < 2:
             raise ConfigError(f"task.values: expected at least 2, got {self.values}")
+        if self.ood_split != "entity":
+            raise ConfigError(f"task.ood_split: comparison splits the entities of each attribute; expected entity, "
+                              f"got {self.ood_split}")
         ood = round(self.ood_ratio * self.entities)
         if not 2 <= ood <= self.entities - 2:  # a comparison needs two entities of its side
             raise ConfigError(f"task.ood_ratio: {self.ood_ratio} of {self.entities} entities gives {ood} OOD and "
@@ -192,8 +202,13 @@ def _composition_facts(p: KnowledgeGraphParams):
     tail = (_hash(p, _TAIL, atomic) % np.uint64(E)).astype(np.int64)
     table = np.full((E, R), -1, dtype=np.int64)
     table[head, relation] = tail
-    ood = np.zeros(len(atomic), dtype=bool)
-    ood[_smallest(_hash(p, _OOD, atomic), round(p.ood_ratio * len(atomic)))] = True
+    if p.ood_split == "fact":
+        ood = np.zeros(len(atomic), dtype=bool)
+        ood[_smallest(_hash(p, _OOD, atomic), round(p.ood_ratio * len(atomic)))] = True
+    else:
+        ood_head = np.zeros(E, dtype=bool)
+        ood_head[_smallest(_hash(p, _OOD, np.arange(E)), round(p.ood_ratio * E))] = True
+        ood = ood_head[head]
     # every 2-hop path: first hop f = (h, r1, b), then each of the bridge's d facts, rows b·d … b·d + d − 1
     first = np.repeat(np.arange(len(atomic)), d)
     second = tail[first] * d + np.tile(np.arange(d), len(atomic))

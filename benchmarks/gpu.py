@@ -179,8 +179,9 @@ def sampler_rates(spec, tokenizer, method, task, model, device, sizes) -> list[d
         for batch_size, n in sizes:
             if "sampler" in setting:
                 method.sampler = setting["sampler"]
-            kwargs = dict(batch_size=batch_size, max_new_tokens=spec["max_new_tokens"], device=device,
-                          seq_len=spec["seq_len"], steps=setting.get("steps"), decoder=setting.get("decoder", "dynamic"))
+            kwargs = {"batch_size": batch_size, "max_new_tokens": spec["max_new_tokens"], "device": device,
+                      "seq_len": spec["seq_len"], "steps": setting.get("steps"),
+                      "decoder": setting.get("decoder", "dynamic")}
             evaluate(model, tokenizer, method, examples[:batch_size], **kwargs)  # warm-up (and CUDA graph capture)
             result = evaluate(model, tokenizer, method, examples[:n], **kwargs)
             rows.append({**setting, "batch_size": batch_size, "examples_per_sec": round(result.examples_per_sec, 1)})

@@ -8,11 +8,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from reasonlab.config import ConfigError, config_from_dict
 from reasonlab.loop import TrainLoop
-from reasonlab.methods import IGNORE, make_method, sequence_length
-from reasonlab.methods import autoregressive
+from reasonlab.methods import IGNORE, autoregressive, make_method, sequence_length
 from reasonlab.models import build_causal_lm
 from reasonlab.tasks import make_task
 from reasonlab.tokenizer import build_tokenizer
@@ -182,7 +180,7 @@ def test_static_decoder_through_evaluate_and_its_step_compiles_to_one_graph():
     _, task, tok, method = _setup({"name": "cot"})
     model = _model(tok)
     examples = task.heldout("test")[:6]
-    kwargs = dict(batch_size=3, max_new_tokens=20, device=CPU)
+    kwargs = {"batch_size": 3, "max_new_tokens": 20, "device": CPU}
     dynamic, static = (evaluate(model, tok, method, examples, decoder=d, **kwargs) for d in ("dynamic", "static"))
     assert [p["generated"] for p in static.predictions] == [p["generated"] for p in dynamic.predictions]
     assert len({p["generated"] for p in dynamic.predictions}) > 1

@@ -132,7 +132,7 @@ def test_decoding_substitutes_in_the_prompts_forward_like_training(teacher):
              method.encode(examples, tok, sequence_length(task, method, tok)).items()}
     width = int(batch["attention_mask"].sum())
     with torch.no_grad():
-        logits = method.logits(student, batch, width)  # teacher-forced, as in training
+        logits = method.logits(student, batch)  # teacher-forced, as in training
     generated = method.generate_text(student, tok, examples, max_new_tokens=width, seq_len=None, device=CPU,
                                      generator=torch.Generator())
     first = tok(generated, add_special_tokens=False)["input_ids"][0][0]

@@ -68,7 +68,8 @@ class ModelConfig:
 class TrainConfig:
     lr: float = 1e-3
     max_steps: int = 1000
-    batch_size: int = 64  # examples per optimizer step, all workers and accumulation steps together
+    batch_size: int = 64  # rows per optimizer step, all workers and accumulation steps together (a row holds
+    # one example, or method.pack packed examples)
     grad_accum: int = 1
     warmup_steps: int = 100
     schedule: Literal["cosine", "constant"] = "cosine"
@@ -81,6 +82,9 @@ class TrainConfig:
     eval_every: int = 500
     log_every: int = 20
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast where CUDA supports it
+    # torch.compile the training step's module (model and the method's loss) and the model evaluation decodes with;
+    # the first steps are slower while it compiles (and again when row widths change)
+    compile: bool = False
 
     def check(self) -> None:
         _positive(self, "train", "lr", "max_steps", "batch_size", "grad_accum", "eval_every", "log_every")
@@ -102,6 +106,10 @@ class EvalConfig:
     steps: Optional[int] = None  # diffusion methods: sampling steps T (default: method.steps)
     samples: int = 1  # self-consistency: answers sampled per question, the most frequent one counts
     seed: int = 0  # seeds every random choice of an evaluation (samples, diffusion samplers)
+    # autoregressive methods: the KV cache of token-by-token decoding. dynamic: transformers' default, grown by one
+    # slot per token; static: preallocated (StaticCache), the same tokens, and on CUDA each token's forward is
+    # replayed as a CUDA graph (torch.compile mode="reduce-overhead"), for batch-1 throughput
+    decoder: Literal["dynamic", "static"] = "dynamic"
 
     def check(self) -> None:
         _positive(self, "eval", "num_examples", "test_examples", "batch_size", "samples")

@@ -49,7 +49,7 @@ def vote(answers: list[str]) -> str:
 @torch.inference_mode()
 def evaluate(model, tokenizer, method, examples: list[Example], *, batch_size: int, max_new_tokens: int,
              device: torch.device, precision: str = "auto", seq_len: int | None = None, steps: int | None = None,
-             samples: int = 1, seed: int = 0) -> EvalResult:
+             samples: int = 1, seed: int = 0, decoder: str = "dynamic") -> EvalResult:
     """Generate every example's target (greedily, or `samples` times with a vote on the answer) and
     compare answers exactly.
 
@@ -74,7 +74,8 @@ def evaluate(model, tokenizer, method, examples: list[Example], *, batch_size: i
             with autocast_context(device, precision):
                 texts = method.generate_text(model, tokenizer, [examples[i] for i in rows],
                                              max_new_tokens=max_new_tokens, seq_len=seq_len, device=device,
-                                             generator=generator, sample=samples > 1, steps=steps)
+                                             generator=generator, sample=samples > 1, steps=steps,
+                                             decoder=decoder)
             for i, text in zip(rows, texts):
                 outputs[i].append(text)
     drawn = {i: [method.answer(text, eos) for text in texts] for i, texts in outputs.items()}

@@ -48,7 +48,7 @@ class MethodModule(torch.nn.Module):
 
 
 class TrainLoop:
-    """Model, AdamW, the LR schedule, gradient accumulation, clipping and autocast of one run.
+    """Model, AdamW, the LR schedule, gradient accumulation, clipping, autocast and `torch.compile` of one run.
 
     `wrap` turns the loss module into what runs it (Ray Train's `prepare_model`: DDP across workers);
     `self.model` stays the bare model, which evaluation, saving and checkpoints use.
@@ -60,6 +60,11 @@ class TrainLoop:
         module = MethodModule(model, method)
         self.module = wrap(module) if wrap else module
         self.distributed = isinstance(self.module, torch.nn.parallel.DistributedDataParallel)
+        if cfg.compile:
+            # in place (Module.compile), so the loop keeps DDP's no_sync and everything holding `model` (the
+            # evaluator, saving) runs the compiled forward too
+            self.module.compile()
+            model.compile()
         self.optimizer = make_optimizer(model, cfg)
         self.step = 0  # optimizer steps done
         self.resets: list[int] = []  # steps after which the optimizer was rebuilt (this process)

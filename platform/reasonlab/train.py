@@ -198,7 +198,8 @@ def measures_capacity(task, method) -> bool:
 def eval_options(cfg: Config, spec: dict) -> dict:
     """`evaluate` keywords from the eval section and the run's lengths."""
     return {"max_new_tokens": spec["max_new_tokens"], "seq_len": spec["seq_len"], "steps": cfg.eval.steps,
-            "samples": cfg.eval.samples, "seed": cfg.eval.seed, "precision": cfg.train.precision}
+            "samples": cfg.eval.samples, "seed": cfg.eval.seed, "precision": cfg.train.precision,
+            "decoder": cfg.eval.decoder}
 
 
 def measure_capacity(model, tokenizer, method, task, cfg: Config, sizes: dict, device) -> tuple[dict, dict, list]:

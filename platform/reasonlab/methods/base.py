@@ -64,6 +64,9 @@ class Method:
         if cfg.eval.steps is not None and cls.decoding != "parallel":
             raise ConfigError(f"eval.steps: sampling steps apply to diffusion methods; method.name is "
                               f"{cfg.method.name!r}")
+        if cfg.eval.decoder != "dynamic" and cls.decoding != "autoregressive":
+            raise ConfigError(f"eval.decoder: a KV cache applies to token-by-token decoding; method "
+                              f"{cfg.method.name!r} decodes in parallel")
         if cls.needs_cot and not TASKS[cfg.task.name].has_cot:
             raise ConfigError(f"method.name: {cfg.method.name!r} trains on a chain of thought; task "
                               f"{cfg.task.name!r} has none")
@@ -122,9 +125,9 @@ class Method:
     # ---- evaluation ----
     def generate_text(self, model, tokenizer, examples: list[Example], *, max_new_tokens: int, seq_len: int | None,
                       device: torch.device, generator: torch.Generator, sample: bool = False,
-                      steps: int | None = None) -> list[str]:
+                      steps: int | None = None, decoder: str = "dynamic") -> list[str]:
         """Each example's generated target as text, for `answer`. Greedy unless `sample`; every random
-        choice comes from `generator`."""
+        choice comes from `generator`. `decoder` (eval.decoder) is how token-by-token decoding keeps its cache."""
         raise NotImplementedError
 
     def sampling_settings(self, steps: int | None) -> list[str]:

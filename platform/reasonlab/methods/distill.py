@@ -275,6 +275,7 @@ class _DistillMethod(AutoregressiveMethod):
 
     needs_cot = True  # the teacher reads the chain
     teacher_forced = False  # a target's loss needs the thought states, not just the prompt
+    packs = False  # a row is one example: its teacher row and its EOS column go with it
     eos_in_target = 1
     model_kind = "ICoT-KD"
     _target = NoCoT()
@@ -283,7 +284,7 @@ class _DistillMethod(AutoregressiveMethod):
         return self._target.target_text(example, eos)
 
     def encode(self, examples: list[Example], tokenizer, seq_len: int, indices=None) -> dict[str, np.ndarray]:
-        rows = self.pad_rows(self.token_ids(examples, tokenizer), tokenizer.eos_token_id, seq_len)
+        rows = self.rows(self.token_ids(examples, tokenizer), tokenizer.eos_token_id, seq_len)
         rows["at"] = np.argmax(rows["input_ids"] == tokenizer.eos_token_id, axis=1).astype(np.int64)
         return rows
 
@@ -305,7 +306,7 @@ class _DistillMethod(AutoregressiveMethod):
 
     def generate_text(self, model, tokenizer, examples: list[Example], *, max_new_tokens: int, seq_len: int | None,
                       device: torch.device, generator: torch.Generator, sample: bool = False,
-                      steps: int | None = None) -> list[str]:
+                      steps: int | None = None, decoder: str = "dynamic") -> list[str]:
         """The student decodes from the left-padded prompts; the states are substituted at the prompt's
         EOS (the last column) during the prompt's forward only, as the reference does."""
         enc = self.prompt_batch(examples, tokenizer, device)
@@ -314,7 +315,8 @@ class _DistillMethod(AutoregressiveMethod):
         student = self.student_of(model)
         out = decode(student.lm, enc["input_ids"], enc["attention_mask"], max_new_tokens=max_new_tokens,
                      eos_id=tokenizer.eos_token_id, stop_after=self.eos_in_target,
-                     generator=generator if sample else None, prefill=student.substitution(states, at))
+                     generator=generator if sample else None, decoder=decoder,
+                     prefill=student.substitution(states, at))
         return tokenizer.batch_decode(out.tolist(), skip_special_tokens=False)
 
 
@@ -331,7 +333,7 @@ class _ReadsTeacher(_DistillMethod):
     def encode(self, examples: list[Example], tokenizer, seq_len: int, indices=None) -> dict[str, np.ndarray]:
         rows = super().encode(examples, tokenizer, seq_len, indices)
         eos = tokenizer.eos_token_id
-        taught = self.pad_rows(self._cot.token_ids(examples, tokenizer), eos, self._teacher_len)
+        taught = self.rows(self._cot.token_ids(examples, tokenizer), eos, self._teacher_len)
         rows["teacher_ids"], rows["teacher_mask"] = taught["input_ids"], taught["attention_mask"]
         rows["teacher_eos"] = eos_positions(torch.from_numpy(taught["input_ids"]), eos, 2).numpy()
         return rows
@@ -352,7 +354,7 @@ class _ReadsTeacher(_DistillMethod):
     def gold_states(self, examples: list[Example], tokenizer, device) -> torch.Tensor:
         """Teacher states of the examples with their gold chains (what the student is evaluated with)."""
         eos = tokenizer.eos_token_id
-        taught = self.pad_rows(self._cot.token_ids(examples, tokenizer), eos, self._teacher_len)
+        taught = self.rows(self._cot.token_ids(examples, tokenizer), eos, self._teacher_len)
         batch = {"teacher_ids": torch.from_numpy(taught["input_ids"]).to(device),
                  "teacher_mask": torch.from_numpy(taught["attention_mask"]).to(device)}
         batch["teacher_eos"] = eos_positions(batch["teacher_ids"], eos, 2)
@@ -373,7 +375,8 @@ class KDStudent(_ReadsTeacher):
         self.set_teacher(teacher.model, len(decoder_blocks(lm)), "student")
         return MindReadingStudent(lm, _hidden_size(teacher.model)).to(device)
 
-    def logits(self, model, batch: dict, width: int) -> torch.Tensor:
+    def logits(self, model, batch: dict) -> torch.Tensor:
+        width = int(batch["attention_mask"].sum(1).max())
         return model(batch["input_ids"][:, :width], batch["attention_mask"][:, :width],
                      self.teacher_batch_states(batch), batch["at"])
 
@@ -438,7 +441,8 @@ class KDCoupled(_DistillMethod):
             model.emulator.requires_grad_(False)
         return model.to(device)
 
-    def logits(self, model, batch: dict, width: int) -> torch.Tensor:
+    def logits(self, model, batch: dict) -> torch.Tensor:
+        width = int(batch["attention_mask"].sum(1).max())
         return model(batch["input_ids"][:, :width], batch["attention_mask"][:, :width], batch["at"])
 
     def thought_states(self, model, examples, tokenizer, prompts, at):

@@ -2,10 +2,10 @@
 tokens as training goes, until the model answers with none written (reference/icot.md §3,
 turn2_additions.md §1).
 
-Rows are ` prompt <eos> cot <eos> #### answer <eos>`, as for `cot`. A training row of step t (the batch
-of stream index i is step t = i // train.batch_size) loses `s(t) + o_i` chain tokens:
+Rows are ` prompt <eos> cot <eos> #### answer <eos>`, as for `cot`. The example of stream index i is trained
+at step t = i // (train.batch_size · method.pack), the examples per step, and loses `s(t) + o_i` chain tokens:
   s(t)  the scheduled count: 0 during `pretrain_epochs`, then one more every round(steps_per_epoch / Δ)
-        steps (Δ = `remove_per_epoch`, steps_per_epoch = ⌈epoch_examples / batch_size⌉), and all of
+        steps (Δ = `remove_per_epoch`, steps_per_epoch = ⌈epoch_examples / examples per step⌉), and all of
         the chain once s reaches `remove_all_beyond`;
   o_i   the smoothing offset, P(o) ∝ e^{−λ o} truncated at 100 (λ = `smoothing_lambda`), drawn from the
         example's stream index with the counter-based RNG: no process-local random state.
@@ -31,8 +31,7 @@ from typing import Literal, Optional
 import numpy as np
 
 from reasonlab.errors import ConfigError
-from reasonlab.methods.autoregressive import ExplicitCoT
-from reasonlab.methods.base import MethodParams
+from reasonlab.methods.autoregressive import AutoregressiveParams, ExplicitCoT
 from reasonlab.tasks.base import counter_hash
 
 MAX_OFFSET = 100  # the reference truncates the offset distribution here
@@ -40,7 +39,7 @@ _OFFSET_DRAW = 0x51  # the counter RNG stream of the offsets (tasks use draws 0,
 
 
 @dataclass
-class InternalizeParams(MethodParams):
+class InternalizeParams(AutoregressiveParams):
     name: str = "internalize"
     remove_per_epoch: float = 8.0  # Δ: chain tokens removed per epoch (0: explicit CoT throughout)
     epoch_examples: int = 80_800  # examples in one epoch of the infinite stream (the 4×4 file has 808,000)
@@ -51,6 +50,7 @@ class InternalizeParams(MethodParams):
     reset_optimizer: bool = True  # fresh AdamW whenever s rises
 
     def check(self) -> None:
+        super().check()
         if not self.remove_per_epoch >= 0:
             raise ConfigError(f"method.remove_per_epoch: expected a value >= 0, got {self.remove_per_epoch}")
         if self.epoch_examples <= 0:
@@ -100,15 +100,16 @@ class StepwiseInternalization(ExplicitCoT):
 
     # ---- the schedule ----
     @property
-    def batch_size(self) -> int:
+    def examples_per_step(self) -> int:
+        """train.batch_size rows of `method.pack` examples each."""
         if self.cfg is None:
             raise ValueError("stepwise internalization counts its schedule in optimizer steps: build the method "
                              "with the job config, make_method(cfg.method, cfg)")
-        return self.cfg.train.batch_size
+        return self.cfg.train.batch_size * self.examples_per_row
 
     @property
     def steps_per_epoch(self) -> int:
-        return math.ceil(self.params.epoch_examples / self.batch_size)
+        return math.ceil(self.params.epoch_examples / self.examples_per_step)
 
     def scheduled(self, step: int) -> float:
         """s: chain tokens removed from every row of the batch trained after `step` steps."""
@@ -122,7 +123,7 @@ class StepwiseInternalization(ExplicitCoT):
     def removal(self, indices: np.ndarray) -> np.ndarray:
         """Tokens removed from each row: s of its step plus its offset (no offset while pretraining, and
         none at all with remove_per_epoch 0: the explicit-CoT baseline)."""
-        steps = np.asarray(indices, dtype=np.int64) // self.batch_size
+        steps = np.asarray(indices, dtype=np.int64) // self.examples_per_step
         if self.params.remove_per_epoch == 0:
             return np.zeros(len(steps))
         unique, inverse = np.unique(steps, return_inverse=True)  # a block of rows spans few steps
@@ -154,7 +155,7 @@ class StepwiseInternalization(ExplicitCoT):
         if indices is not None:
             encoded = [remove_span(ids, tokenizer.eos_token_id, n, self.params.side)
                        for ids, n in zip(encoded, self.removal(indices))]
-        return self.pad_rows(encoded, tokenizer.eos_token_id, seq_len)
+        return self.rows(encoded, tokenizer.eos_token_id, seq_len)
 
     def finish(self, history, directory: str) -> None:
         from reasonlab.analysis.internalization import plot_internalization

@@ -250,7 +250,8 @@ class DiffusionMethod(Method):
 
     def generate_text(self, model, tokenizer, examples: list[Example], *, max_new_tokens: int | None = None,
                       seq_len: int, device: torch.device | None = None, generator: torch.Generator | None = None,
-                      sample: bool = False, steps: int | None = None, sampler: str | None = None) -> list[str]:
+                      sample: bool = False, steps: int | None = None, sampler: str | None = None,
+                      decoder: str = "dynamic") -> list[str]:
         """Generated targets for the examples' prompts, as text for `answer`: the whole target at once in
         the training length, one diffusion run per example (or one per thought with multipass).
         `sample` draws tokens instead of the greedy choice; the samplers draw noise from `generator`

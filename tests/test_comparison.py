@@ -25,3 +25,19 @@ def test_the_plot_and_table_show_every_method(tmp_path):
     table = format_comparison(rows, [1, 100]).splitlines()
     assert len(table) == 4 and "ex/s@bs100" in table[0]
     assert table[1].split()[0] == "cot" and table[1].endswith("*") and not table[3].endswith("*")
+
+
+def test_generated_tokens_count_up_to_the_stopping_eos():
+    from reasonlab.evaluate import generated_tokens
+    from reasonlab.tasks import make_task
+    from reasonlab.tokenizer import build_tokenizer
+    from reasonlab.config import config_from_dict
+
+    tok = build_tokenizer(make_task(config_from_dict({"task": {"name": "multiplication", "a_digits": 2,
+                                                               "b_digits": 2}}).task))
+    eos = tok.eos_token
+    cot = f" 3 4 2 + 0 8 4 6 {eos} #### 3 2 7 6 {eos}{eos}{eos}"  # padding EOS after the stop does not count
+    assert generated_tokens([cot], tok, 2) == [8 + 1 + 5 + 1]
+    assert generated_tokens([f"{eos} #### 3 2 7 6 {eos}"], tok, 2) == [7]  # internalized: no chain
+    assert generated_tokens([f" #### 3 2 7 6 {eos}{eos}"], tok, 1) == [6]
+    assert generated_tokens([" #### 3 2"], tok, 1) == [3]  # never stopped: what it wrote

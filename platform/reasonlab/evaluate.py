@@ -29,9 +29,9 @@ class EvalResult:
 def generated_tokens(texts: list[str], tokenizer, stop_after: int) -> list[int]:
     """Tokens each text holds up to its `stop_after`-th EOS (included): what decoding had to produce."""
     eos = tokenizer.eos_token
-    kept = [eos.join(text.split(eos)[:stop_after]) for text in texts]
+    kept = [eos.join(text.split(eos)[:stop_after]) for text in texts]  # the EOS tokens before the last stay
     ids = tokenizer(kept, add_special_tokens=False)["input_ids"]
-    return [len(i) + min(stop_after, text.count(eos)) for i, text in zip(ids, texts)]
+    return [len(i) + (text.count(eos) >= stop_after) for i, text in zip(ids, texts)]
 
 
 def autocast_context(device: torch.device, precision: str):

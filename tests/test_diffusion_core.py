@@ -508,7 +508,13 @@ def test_self_consistency_takes_the_most_frequent_answer():
         def answer(self, generated, eos):
             return generated.split("####")[1].split(eos)[0].strip()
 
-    tok = types.SimpleNamespace(eos_token="<eos>")
+    class Tok:  # whitespace tokens: enough for counting generated tokens
+        eos_token = "<eos>"
+
+        def __call__(self, texts, add_special_tokens=False):
+            return {"input_ids": [t.split() for t in texts]}
+
+    tok = Tok()
     model = torch.nn.Linear(1, 1)
     example = Example(prompt="1 * 9", cot="", answer="9")
     result = evaluate(model, tok, Drawn(), [example], batch_size=1, max_new_tokens=0, device=torch.device("cpu"),

@@ -227,7 +227,8 @@ def main() -> None:
                                                        "every path end to end on any machine, in minutes on a CPU")
     p.add_argument("--no-compile", action="store_true", help="skip the compiled step")
     p.add_argument("--no-fp32", action="store_true", help="skip the fp32 step on CUDA")
-    p.add_argument("--no-sampler-table", action="store_true", help="skip the evaluate() table (decoding ms/token stays)")
+    p.add_argument("--no-sampler-table", action="store_true",
+                   help="skip the evaluate() table (decoding ms/token stays)")
     p.add_argument("--device", default=None, help="default: cuda where there is one, else cpu")
     args = p.parse_args()
     if args.tiny:

@@ -69,8 +69,8 @@ def _pipeline(path: Path, data: dict, overrides: list[str]) -> Pipeline:
     stages = data.pop("stages")
     if not isinstance(stages, dict) or not stages:
         raise ConfigError(f"{path}: stages: expected a mapping of stage names to job sections")
-    dropped = [o.partition("=")[0].removeprefix("stages.") for o in overrides
-               if o.startswith("stages.") and o.partition("=")[0].count(".") == 1 and o.partition("=")[2] in ("null", "")]
+    dropped = [key.removeprefix("stages.") for key, _, value in (o.partition("=") for o in overrides)
+               if key.startswith("stages.") and key.count(".") == 1 and value in ("null", "")]
     for name in dropped:  # `stages.NAME=null`: the job without that stage (a finished run stands in for it)
         if name not in stages:
             raise ConfigError(f"stages.{name}=null: no stage {name!r}; the stages are {list(stages)}")

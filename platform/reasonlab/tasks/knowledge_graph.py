@@ -4,7 +4,8 @@ capacity_and_grokking.md §2, turn2_additions.md §3), generated as the paper's 
 composition: |E| entities and |R| relations; each head entity has `relations_per_entity` distinct
   relations, each to a uniformly random tail. An atomic fact is (h, r) → t, and a share `ood_ratio` of the
   atomic facts is OOD: drawn fact by fact as composition.ipynb does, or (`ood_split: entity`) head entity
-  by head entity, all facts of an OOD head being OOD. An inferred fact is (h, r1, r2) → t through the bridge b, (h, r1) → b, (b, r2) → t.
+  by head entity, all facts of an OOD head being OOD. An inferred fact is (h, r1, r2) → t through the
+  bridge b, (h, r1) → b, (b, r2) → t.
   Both hops ID: an ID inferred fact, held out for `test_inferred_id` with probability `id_test_ratio`, in
   the training pool otherwise; both hops OOD: `test_inferred_ood`; one of each: not used.
 comparison: |E| entities and `attributes` attributes with `values` ordinal values, uniform per (entity,

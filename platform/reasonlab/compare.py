@@ -153,9 +153,8 @@ def run_comparison(comparison: Comparison, out=sys.stdout) -> str:
 
 def _run_config(client, run_id: str) -> Config:
     """The config a run was trained with (its own config.yaml)."""
-    import yaml
+    from reasonlab.runs import CONFIG_FILE, read_run_config
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     with tempfile.TemporaryDirectory() as d:
-        data = yaml.safe_load(Path(client.download_artifacts(run_id, "config.yaml", d)).read_text())
-    return config_from_dict(data, job=data.get("job", "job"))
+        return read_run_config(client.download_artifacts(run_id, CONFIG_FILE, d))

@@ -31,11 +31,16 @@ class LoadedRun:
     model: torch.nn.Module
 
 
+def read_run_config(path: str | Path) -> Config:
+    """A run's resolved job, from its `config.yaml`."""
+    data = yaml.safe_load(Path(path).read_text())
+    return config_from_dict(data, job=data.get("job", "job"))
+
+
 def load_run_dir(directory: str | Path, device: torch.device) -> LoadedRun:
     """The run whose `config.yaml` and `model/` are in `directory`, its model on `device` in eval mode."""
     directory = Path(directory)
-    data = yaml.safe_load((directory / CONFIG_FILE).read_text())
-    cfg = config_from_dict(data, job=data.get("job", "job"))
+    cfg = read_run_config(directory / CONFIG_FILE)
     task, method = make_task(cfg.task), make_method(cfg.method, cfg)
     tokenizer = load_tokenizer(str(directory / MODEL_DIR))
     method.setup(task, tokenizer)

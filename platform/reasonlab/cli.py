@@ -80,6 +80,14 @@ def cmd_capacity(args) -> int:
     return 0
 
 
+def cmd_probe(args) -> int:
+    from reasonlab.probe import KINDS, probe_run
+
+    probe_run(args.run, args.step, tuple(args.kind or KINDS), args.examples, tuple(args.target or ()),
+              args.experiment)
+    return 0
+
+
 def cmd_ui(args) -> int:
     from reasonlab.tracking import local_artifact_root, tracking_uri
 
@@ -127,6 +135,18 @@ def parser() -> argparse.ArgumentParser:
     capacity.add_argument("--out", default=".", help="folder for capacity.csv and capacity_vs_params.png")
     capacity.add_argument("--log", action="store_true", help="also log both files to the run")
     capacity.set_defaults(func=cmd_capacity)
+
+    probe = verbs.add_parser("probe", help="logit lens and linear probes on a finished run's model, "
+                                           "logged to a child run")
+    probe.add_argument("run", help="a finished run's id or name")
+    probe.add_argument("--step", type=int, default=None, help="probe the snapshot saved at this step "
+                                                              "(train.snapshot_steps) instead of the final model")
+    probe.add_argument("--kind", action="append", choices=["logit_lens", "linear"],
+                       help="which probe (repeatable; default both)")
+    probe.add_argument("--target", action="append", help="only this task-declared target (repeatable; default all)")
+    probe.add_argument("--examples", type=int, default=1000, help="examples of each probe set (default 1000)")
+    probe.add_argument("--experiment", default="reasonlab", help="the experiment a run name is looked up in")
+    probe.set_defaults(func=cmd_probe)
 
     ui = verbs.add_parser("ui", help="open the MLflow UI on 127.0.0.1")
     ui.add_argument("--port", type=int, default=5000)

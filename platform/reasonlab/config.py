@@ -16,7 +16,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -79,21 +79,56 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 turns clipping off
     seed: int = 0
-    eval_every: int = 500
+    eval_every: int = 500  # validation (every named evaluation set of the task)
+    checkpoint_every: Optional[int] = None  # resume checkpoints, the latest two kept; default: eval_every
+    # models kept for later analysis (`reasonlab probe RUN --step N`, `method.teacher: RUN@N`), saved with
+    # save_pretrained as the artifacts snapshots/step_XXXXXXXX: a list of steps, or a count of steps spaced
+    # evenly on a log scale from 1 to max_steps
+    snapshot_steps: Union[int, list[int], None] = None
     log_every: int = 20
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast where CUDA supports it
     # torch.compile the training step's module (model and the method's loss) and the model evaluation decodes with;
     # the first steps are slower while it compiles (and again when row widths change)
     compile: bool = False
+    # Grokfast (Lee et al. 2024): `ema` adds grad_filter_lambda times an exponential moving average of the
+    # gradients (decay grad_filter_alpha) to each gradient, amplifying its slow components
+    grad_filter: Literal["none", "ema"] = "none"
+    grad_filter_alpha: float = 0.98
+    grad_filter_lambda: float = 2.0
 
     def check(self) -> None:
         _positive(self, "train", "lr", "max_steps", "batch_size", "grad_accum", "eval_every", "log_every")
+        if self.checkpoint_every is not None:
+            _positive(self, "train", "checkpoint_every")
+        if isinstance(self.snapshot_steps, int):
+            _positive(self, "train", "snapshot_steps")
+        elif self.snapshot_steps is not None:
+            outside = [s for s in self.snapshot_steps if not 1 <= s <= self.max_steps]
+            if outside:
+                raise ConfigError(f"train.snapshot_steps: step {outside[0]} is outside 1..train.max_steps="
+                                  f"{self.max_steps}")
+        if not 0 <= self.grad_filter_alpha < 1:
+            raise ConfigError(f"train.grad_filter_alpha: expected a value in [0, 1), got {self.grad_filter_alpha}")
+        if self.grad_filter_lambda < 0:
+            raise ConfigError(f"train.grad_filter_lambda: expected a value >= 0, got {self.grad_filter_lambda}")
         for key in ("warmup_steps", "weight_decay", "grad_clip"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key}: expected a value >= 0, got {getattr(self, key)}")
         for key in ("min_lr_ratio", "beta1", "beta2"):
             if not 0 <= getattr(self, key) <= 1:
                 raise ConfigError(f"train.{key}: expected a value in [0, 1], got {getattr(self, key)}")
+
+    @property
+    def checkpoint_interval(self) -> int:
+        return self.checkpoint_every or self.eval_every
+
+    def snapshots(self) -> list[int]:
+        """The steps whose model is kept (train.snapshot_steps), ascending."""
+        if isinstance(self.snapshot_steps, int):
+            count = min(self.snapshot_steps, self.max_steps)
+            spaced = [round(self.max_steps ** (i / max(1, count - 1))) for i in range(count)] if count > 1 else []
+            return sorted({*spaced, self.max_steps})
+        return sorted(set(self.snapshot_steps or ()))
 
 
 @dataclass

@@ -66,6 +66,7 @@ class TrainLoop:
             self.module.compile()
             model.compile()
         self.optimizer = make_optimizer(model, cfg)
+        self.grad_ema: dict[str, torch.Tensor] = {}  # Grokfast's slow gradient (train.grad_filter=ema)
         self.step = 0  # optimizer steps done
         self.resets: list[int] = []  # steps after which the optimizer was rebuilt (this process)
 
@@ -97,6 +98,8 @@ class TrainLoop:
                 metrics[k] = metrics.get(k, 0) + v / n
         if total is None:
             raise ValueError("train_step got no micro-batches")
+        if self.cfg.grad_filter == "ema":
+            self.filter_gradients()
         if self.cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         for group in self.optimizer.param_groups:
@@ -107,12 +110,27 @@ class TrainLoop:
         self.method.on_step(self.step, self)
         return total / n, metrics
 
+    @torch.no_grad()
+    def filter_gradients(self) -> None:
+        """Grokfast-EMA (Lee et al. 2024): ema ← α·ema + (1 − α)·g, then g ← g + λ·ema, before clipping."""
+        alpha, lam = self.cfg.grad_filter_alpha, self.cfg.grad_filter_lambda
+        for name, p in self.model.named_parameters():
+            if p.grad is None:
+                continue
+            ema = self.grad_ema.get(name)
+            if ema is None:  # the first gradient starts the average (as the reference implementation does)
+                self.grad_ema[name] = ema = p.grad.detach().clone()
+            else:
+                ema.mul_(alpha).add_(p.grad, alpha=1 - alpha)
+            p.grad.add_(ema, alpha=lam)
+
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
-                "rng": torch.get_rng_state()}
+                "rng": torch.get_rng_state(), "grad_ema": self.grad_ema}
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = state["step"]
         torch.set_rng_state(state["rng"])
+        self.grad_ema = {k: v.to(self.device) for k, v in state.get("grad_ema", {}).items()}

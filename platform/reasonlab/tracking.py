@@ -79,7 +79,7 @@ def find_run(client: MlflowClient, experiment: str, ref: str, what: str):
     return runs[0]
 
 
-def lookup_client(cfg: Config, what: str, ref: str) -> MlflowClient:
+def lookup_client(cfg: Config | None, what: str, ref: str) -> MlflowClient:
     """A client of the job's tracking store for looking runs up; a local store that does not exist yet
     holds no runs (and is not created by looking)."""
     uri = tracking_uri(cfg)
@@ -99,7 +99,15 @@ def resolve_ref(client: MlflowClient, cfg: Config, ref: RunRef, what: str, secti
     """The finished run `ref` names, checked before anything starts: it exists in the job's experiment,
     FINISHED, with a saved model (or the snapshot at `ref.step`), trained on the same task (params under
     `sections` equal). A staged job's parent run stands for its last stage."""
-    run = find_run(client, cfg.tracking.experiment, ref.run, what)
+    run = finished_model_run(client, cfg.tracking.experiment, ref, what)
+    check_same_params(run, ref.run, cfg, sections, what, ignore)
+    return run
+
+
+def finished_model_run(client: MlflowClient, experiment: str, ref: RunRef, what: str):
+    """The run `ref` names (by id, or by name in `experiment`), FINISHED, with a saved model (or the
+    snapshot at `ref.step`); a staged job's parent run stands for its last stage."""
+    run = find_run(client, experiment, ref.run, what)
     final = run.data.tags.get(FINAL_RUN_TAG)
     if final and run.info.status == "FINISHED":
         run = client.get_run(final)
@@ -109,8 +117,11 @@ def resolve_ref(client: MlflowClient, cfg: Config, ref: RunRef, what: str, secti
     folder = "model" if ref.step is None else snapshot_path(ref.step)
     under = folder.rpartition("/")[0] or None
     if not any(a.path == folder for a in client.list_artifacts(run.info.run_id, under)):
-        raise ConfigError(f"{what}: run {ref.run!r} has no {'saved model' if ref.step is None else folder}")
-    check_same_params(run, ref.run, cfg, sections, what, ignore)
+        if ref.step is None:
+            raise ConfigError(f"{what}: run {ref.run!r} has no saved model")
+        steps = [int(a.path.rpartition("_")[2]) for a in client.list_artifacts(run.info.run_id, "snapshots")]
+        raise ConfigError(f"{what}: run {ref.run!r} has no snapshot at step {ref.step}; its snapshots: "
+                          f"{', '.join(map(str, sorted(steps))) or 'none (train.snapshot_steps saves them)'}")
     return run
 
 

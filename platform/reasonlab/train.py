@@ -75,6 +75,8 @@ def train_loop_per_worker(spec: dict) -> None:
     window_start, window_tokens, loss_sum, loss_count = _new_window(device)
     extra_sums: dict = {}
     started = time.perf_counter()
+    eval_seconds = 0.0
+    snapshots = set(cfg.train.snapshots())
     first_step = step
     capacity = None  # the last evaluation's capacity measurement, for capacity tasks
     while step < cfg.train.max_steps:
@@ -112,11 +114,17 @@ def train_loop_per_worker(spec: dict) -> None:
             window_start, window_tokens, loss_sum, loss_count = _new_window(device)
             extra_sums = {}
 
-        if step % cfg.train.eval_every == 0 or step == cfg.train.max_steps:
+        if rank == 0 and step in snapshots:
+            save_snapshot(model, tokenizer, method, logger, step)
+        last = step == cfg.train.max_steps
+        evaluating = step % cfg.train.eval_every == 0 or last
+        checkpointing = step % cfg.train.checkpoint_interval == 0 or last
+        if evaluating or checkpointing:  # every worker reports (a collective), rank 0 evaluates and saves
             metrics = {"step": step}
             with tempfile.TemporaryDirectory() as d:
                 ckpt = None
-                if rank == 0:
+                if rank == 0 and evaluating:
+                    eval_started = time.perf_counter()
                     for prefix, examples in eval_sets.items():
                         result = evaluate(model, tokenizer, method, examples, batch_size=cfg.eval.batch_size,
                                           **eval_options(cfg, spec), device=device)
@@ -127,7 +135,11 @@ def train_loop_per_worker(spec: dict) -> None:
                         capacity = measure_capacity(model, tokenizer, method, task, cfg, sizes, device)
                         metrics.update(capacity[0])
                         say(_capacity_line(metrics, step), flush=True)
+                    eval_seconds += time.perf_counter() - eval_started
+                    # what the evaluations cost in this process, against its time in all
+                    metrics["time/eval_share"] = eval_seconds / (time.perf_counter() - started)
                     logger.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step)
+                if rank == 0 and checkpointing:
                     torch.save(loop.state_dict(), Path(d) / CHECKPOINT_FILE)
                     ckpt = ray.train.Checkpoint.from_directory(d)
                 ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=checkpoint_dir_name(step))
@@ -136,6 +148,16 @@ def train_loop_per_worker(spec: dict) -> None:
     if rank == 0:
         # the loop's last evaluation is at max_steps: its capacity measurement is the final one
         finish_run(model, tokenizer, method, task, cfg, spec, device, logger, sizes, capacity)
+
+
+def save_snapshot(model, tokenizer, method, logger, step: int) -> None:
+    """The model at `step`, saved as the final model is, under snapshots/step_XXXXXXXX."""
+    from reasonlab.tracking import snapshot_path
+
+    with tempfile.TemporaryDirectory() as d:
+        method.save(model, d)
+        tokenizer.save_pretrained(d)
+        logger.log_artifacts(d, snapshot_path(step))
 
 
 def load_inputs(spec: dict, directory: str, device) -> dict:

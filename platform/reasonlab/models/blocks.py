@@ -26,6 +26,22 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
                     f"blocks)")
 
 
+def final_norm(model: nn.Module) -> nn.Module:
+    """The norm between the last block and the output layer of a GPT-2 or a Llama: with the output layer, what
+    the logit lens reads every layer's state through. (The diffusion transformer's is conditioned on the noise
+    level, so no state reads out without one.)"""
+    for path in ("transformer.ln_f", "model.norm"):
+        node = model
+        for part in path.split("."):
+            node = getattr(node, part, None)
+            if node is None:
+                break
+        if isinstance(node, nn.Module):
+            return node
+    raise TypeError(f"{type(model).__name__}: no unconditioned final norm (expected transformer.ln_f or "
+                    f"model.norm); the logit lens reads causal language models")
+
+
 @contextlib.contextmanager
 def block_inputs(model: nn.Module, edit: Callable[[int, torch.Tensor], torch.Tensor | None]):
     """While active, `edit(l, hidden)` sees the hidden state entering block l ([batch, length, d]) before

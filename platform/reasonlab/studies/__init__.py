@@ -1,6 +1,7 @@
 """Study analyses: what a study leaves on its parent MLflow run once its runs are done (the capacity table,
-the steps plot, the method comparison), one file each, registered here by name. A sweep builds a `Study`
-and runs every analysis that declares it applies; none is found by trying it and catching the failure.
+the steps plot, the method comparison, the grokking curves), one file each, registered here by name. A sweep
+builds a `Study` and runs every analysis that declares it applies; none is found by trying it and catching
+the failure.
 A new analysis is one file plus one line in ANALYSES. They read runs through the client they are given.
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 
 from reasonlab.studies.capacity import CapacityAnalysis
 from reasonlab.studies.comparison import ComparisonAnalysis
+from reasonlab.studies.grokking import GrokkingAnalysis
 from reasonlab.studies.steps import StepsAnalysis
 
 
@@ -33,6 +35,7 @@ ANALYSES = {
     "capacity": CapacityAnalysis(),
     "steps": StepsAnalysis(),
     "comparison": ComparisonAnalysis(),
+    "grokking": GrokkingAnalysis(),
 }
 
 

@@ -80,6 +80,17 @@ class Task:
     def heldout_prompts(self) -> set[str]:
         return {e.prompt for split in ("valid", "test") for e in self.heldout(split)}
 
+    # ---- probes (analysis/probes.py) ----
+    def probe_sets(self) -> dict[str, list[Example]]:
+        """The named sets `reasonlab probe` reads a model's states on."""
+        return self.eval_sets("test")
+
+    def probe_targets(self, examples: list[Example]) -> dict[str, tuple[list[int | None], list[str]]]:
+        """What a model may compute on the way to the answer, for linear probes (and the logit lens, where a
+        label is one token): name → (per example, the index of the prompt word at whose position it is read,
+        or None for the prompt's last token; per example, its value). None declared by default."""
+        return {}
+
 
 def counter_hash(seed: int, split: str, index: np.ndarray, draw: int = 0) -> np.ndarray:
     """64 random bits per index, a pure function of (seed, split, index, draw) (splitmix64 rounds).

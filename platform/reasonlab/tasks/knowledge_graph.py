@@ -391,6 +391,25 @@ class KnowledgeGraphTask(Task):
         design)."""
         return {e.prompt for name in ("test_inferred_id", "test_inferred_ood") for e in self.eval_set(name)}
 
+    # ---- probes ----
+    def probe_sets(self) -> dict[str, list[Example]]:
+        """The inferred sets: trained, held-out ID and OOD queries."""
+        return {name: self.eval_set(name) for name in ("train_inferred", "test_inferred_id", "test_inferred_ood")}
+
+    def probe_targets(self, examples: list[Example]) -> dict[str, tuple[list[int | None], list[str]]]:
+        """Composition: the bridge entity (the first hop's answer) at the first relation. Comparison: each
+        entity's value of the attribute, at that entity."""
+        table = self.graph.table
+        words = [e.prompt.split() for e in examples]
+        number = lambda token: int(token.rpartition("_")[2].rstrip(">"))  # noqa: E731  <e_12> → 12
+        if self.params.kind == "composition":
+            bridges = [table[number(w[0]), number(w[1])] for w in words]
+            return {"bridge": ([1] * len(words), [f"<e_{b}>" for b in bridges])}
+        values = {}
+        for name, at in (("value1", 2), ("value2", 4)):
+            values[name] = ([at] * len(words), [f"<{table[number(w[0]), number(w[at])]}>" for w in words])
+        return values
+
     # ---- tokenizer and lengths ----
     def vocabulary(self) -> list[str]:
         p = self.params

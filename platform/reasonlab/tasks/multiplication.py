@@ -162,6 +162,18 @@ class MultiplicationTask(Task):
             draw += 1
         return self._generate(a, b)
 
+    def probe_targets(self, examples: list[Example]) -> dict[str, tuple[list[int | None], list[str]]]:
+        """Each digit of each running sum the chain of thought writes in parentheses (`sum1_digit0` is the least
+        significant digit of the first), read at the prompt's last token: what a model answering without
+        the chain must hold somewhere."""
+        sums = [[group.split() for group in e.cot.split("(")[1:]] for e in examples]
+        sums = [[group[: group.index(")")] for group in row] for row in sums]
+        targets = {}
+        for j, group in enumerate(sums[0] if sums else []):
+            for k in range(len(group)):
+                targets[f"sum{j + 1}_digit{k}"] = ([None] * len(examples), [row[j][k] for row in sums])
+        return targets
+
     def vocabulary(self) -> list[str]:
         return [str(d) for d in range(10)] + ["*", "+", "(", ")", "####"]
 

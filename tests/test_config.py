@@ -89,6 +89,10 @@ def test_bad_files(tmp_path):
     bad.write_bytes(b"task: {name: multiplication}\nmodel: {arch: \xff\xfe}\n")
     with pytest.raises(ConfigError, match="bad.yaml: not a UTF-8 text file"):
         load_config(bad)
+    bad.write_bytes(b"task: {name: multiplication}\n\x00\x01\x02")  # valid UTF-8, but binary
+    with pytest.raises(ConfigError, match=r"bad.yaml: not a text file \(control character 0x00 at byte 29\)") as e:
+        load_config(bad)
+    assert "\n" not in str(e.value)
 
 
 

@@ -229,13 +229,21 @@ def read_yaml_mapping(path: str | Path, kind: str, expected: str) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path}: {kind} file not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        data = yaml.safe_load(text)
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not a UTF-8 text file (byte {e.start}); expected a YAML {kind} file") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the {kind} file: {e.strerror or e}") from None
+    except yaml.reader.ReaderError as e:  # valid UTF-8 holding control characters (NUL, ...): a binary file
+        byte = len(text[: e.position].encode("utf-8"))
+        raise ConfigError(f"{path}: not a text file (control character {e.character:#04x} at byte {byte}); "
+                          f"expected a YAML {kind} file") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+        problem = " ".join(str(getattr(e, "problem", None) or e).split())  # one line
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -94,7 +94,8 @@ def load_sweep(path: str | Path, cli_overrides: list[str] = ()):
     concurrent = data.get("max_concurrent_trials", len(trials))
     if not isinstance(concurrent, int) or isinstance(concurrent, bool) or concurrent < 1:
         raise ConfigError(f"{path}: max_concurrent_trials: expected an integer > 0, got {concurrent!r}")
-    sweep = Sweep(path.stem, base, [*overrides, *cli_overrides], grid, concurrent, path.read_text(), trials)
+    text = path.read_text(encoding="utf-8")  # read_yaml_mapping has checked it is UTF-8
+    sweep = Sweep(path.stem, base, [*overrides, *cli_overrides], grid, concurrent, text, trials)
     for i in range(len(trials)):
         try:
             sweep.trial_config(i)

@@ -59,6 +59,21 @@ def test_non_finite_values_and_binary_sweep_files_are_refused_with_one_line(tmp_
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
+def test_a_sweep_asks_for_its_hub_model_once_before_ray(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from reasonlab.config import ConfigError
+    from reasonlab.sweep import load_sweep
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    path = tmp_path / "pretrained.yaml"
+    path.write_text(f"base: {REPO / 'jobs' / 'quickstart.yaml'}\noverrides: [model.pretrained=owner/model]\n"
+                    f"grid: {{train.lr: [1.0e-3, 2.0e-3]}}\n")
+    with pytest.raises(ConfigError, match="pretrained.yaml: model.pretrained: owner/model is not in the local"):
+        load_sweep(path)
+
+
 def _run_sweep(path, overrides: list[str], home):
     """`reasonlab sweep PATH OVERRIDES...`, which must succeed → (its output, an MLflow client, the parent run)."""
     result = reasonlab("sweep", str(path), *overrides)

@@ -52,6 +52,8 @@ class ModelConfig:
             if not (folder / "config.json").is_file():
                 raise ConfigError(f"model.pretrained: {self.pretrained} is not a folder holding a saved model "
                                   f"(no config.json there); expected a save_pretrained folder or a hub id")
+        elif self.pretrained:
+            _check_hub_id(self.pretrained)
         if self.n_params is not None:
             _positive(self, "model", "n_params")
             if self.pretrained:
@@ -406,6 +408,18 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
 def _looks_like_path(value: str) -> bool:
     """A local path rather than a hub id (`name` or `org/name`)."""
     return value.startswith(("/", ".", "~")) or value.count("/") > 1 or Path(value).exists()
+
+
+def _check_hub_id(value: str) -> None:
+    """A `model.pretrained` that is not a local path must be a hub id by the hub's own rules (whether the
+    hub has it is asked once by the driver: models.hub.check_hub_model)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(value)
+    except HFValidationError as e:
+        raise ConfigError(f"model.pretrained: {value!r} is neither a local model folder nor a hub id "
+                          f"('name' or 'owner/name'): {' '.join(str(e).split())}") from None
 
 
 def _show(value: Any) -> str:

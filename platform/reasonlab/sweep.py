@@ -31,6 +31,7 @@ from pathlib import Path
 import yaml
 
 from reasonlab.config import Config, ConfigError, load_config, override_list, read_yaml_mapping
+from reasonlab.models.hub import check_hub_model
 from reasonlab.runref import RunRef
 
 SWEEP_KEYS = {"base", "overrides", "grid", "max_concurrent_trials", "trained_run", "baselines"}
@@ -96,11 +97,19 @@ def load_sweep(path: str | Path, cli_overrides: list[str] = ()):
         raise ConfigError(f"{path}: max_concurrent_trials: expected an integer > 0, got {concurrent!r}")
     text = path.read_text(encoding="utf-8")  # read_yaml_mapping has checked it is UTF-8
     sweep = Sweep(path.stem, base, [*overrides, *cli_overrides], grid, concurrent, text, trials)
+    hub_models = set()
     for i in range(len(trials)):
         try:
-            sweep.trial_config(i)
+            cfg = sweep.trial_config(i)
         except ConfigError as e:
             raise ConfigError(f"{path}: trial {' '.join(trials[i])}: {e}") from None
+        if cfg.model.pretrained and not os.path.isabs(cfg.model.pretrained):  # local folders are absolute now
+            hub_models.add(cfg.model.pretrained)
+    for repo_id in sorted(hub_models):  # asked once here, not in every trial after Ray has started
+        try:
+            check_hub_model(repo_id)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
     _resolve_runs(sweep, data, path)
     return sweep
 

@@ -19,6 +19,7 @@ from reasonlab.loop import TrainLoop
 from reasonlab.methods import example_length, make_method, prompt_length, sequence_length, target_length
 from reasonlab.models import count_parameters
 from reasonlab.models.causal import count_used_parameters, size_for_params
+from reasonlab.models.hub import check_hub_model
 from reasonlab.tasks import make_task
 from reasonlab.tokenizer import build_tokenizer, load_tokenizer, tokenizer_files, tokenizer_from_files
 
@@ -279,6 +280,7 @@ class TrainOutcome:
 
 def prepare_run(cfg: Config) -> dict:
     """Everything the workers need that the driver computes once: tokenizer, lengths."""
+    check_pretrained(cfg)
     task, method = make_task(cfg.task), make_method(cfg.method, cfg)
     inputs, input_tokenizer = resolve_inputs(cfg)
     if input_tokenizer is not None:  # the same token ids as the runs it reads
@@ -301,6 +303,13 @@ def prepare_run(cfg: Config) -> dict:
     # names the (task, method, tokenizer) encoder, so Ray Data workers build it once, not per batch
     spec["encoder_key"] = hashlib.sha1(pickle.dumps([spec["config"], spec["tokenizer"], seq_len])).hexdigest()
     return spec
+
+
+def check_pretrained(cfg: Config) -> None:
+    """A hub id in `model.pretrained` is asked for once, here, with a short timeout (ConfigError if it cannot
+    be had); a local folder was checked with the job."""
+    if cfg.model.pretrained and not os.path.isabs(cfg.model.pretrained):  # the job made local paths absolute
+        check_hub_model(cfg.model.pretrained)
 
 
 def resolve_inputs(cfg: Config) -> tuple[dict, object | None]:

@@ -179,6 +179,10 @@ def run_sweep(sweep) -> str:
     # trial actors may not see the driver's environment: they log where the driver does
     pinned = [f"tracking.uri={tracking_uri(base_cfg)}", f"tracking.storage_path={storage_path(base_cfg)}"]
     sweep_name = f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(2).hex()}"
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level="WARNING")
+    check_trial_resources(sweep, base_cfg)  # before the parent run exists: nothing is left to close
     parent = DriverRun(base_cfg, sweep_name)
     parent.client.set_tag(parent.run_id, "reasonlab.sweep", sweep.name)
     parent.client.log_text(parent.run_id, sweep.text, "sweep.yaml")
@@ -190,9 +194,6 @@ def run_sweep(sweep) -> str:
 
     status = "FAILED"
     try:
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-        if not ray.is_initialized():
-            ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level="WARNING")
         plan = _evaluation_trials if sweep.eval_only else _training_trials
         trial, resources, analyses = plan(sweep, sweep_name, parent, base_cfg, pinned)
         tuner = tune.Tuner(
@@ -216,6 +217,23 @@ def run_sweep(sweep) -> str:
         parent.end(status)
         _close_children(parent)
     return parent.run_id
+
+
+def check_trial_resources(sweep: Sweep, base_cfg: Config) -> None:
+    """ConfigError naming the sweep if the cluster can never hold a trial's workers (cluster.py): Tune would keep
+    every such trial pending, and Train retry its worker group, forever."""
+    import ray
+
+    from reasonlab.cluster import check_cluster_resources
+    from reasonlab.train import worker_resources
+
+    cpus = ray.available_resources().get("CPU", 1.0)
+    if sweep.eval_only:  # one trial actor per evaluation
+        requests = [(evaluation_resources(base_cfg), 1)]
+    else:
+        configs = [sweep.trial_config(i) for i in range(len(sweep.trials))]
+        requests = [(worker_resources(cfg, cpus), cfg.scaling.num_workers) for cfg in configs]
+    check_cluster_resources(requests, where=f"sweep {sweep.name}: ")
 
 
 def _training_trials(sweep: Sweep, sweep_name: str, parent, base_cfg: Config, pinned: list[str]) -> tuple:
@@ -266,10 +284,9 @@ def _evaluation_trials(sweep: Sweep, sweep_name: str, parent, base_cfg: Config, 
         print(f"training baseline {label}", flush=True)
         baselines[train_or_reuse(load_config(job, overrides), f"{sweep_name}-baseline{i}")] = label
     parent_id = parent.run_id
-    scaling = base_cfg.scaling
-    resources = {"CPU": scaling.cpus_per_worker or 1.0, **({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})}
+    resources = evaluation_resources(base_cfg)
     # the machine's cores shared by the trials that run at once
-    threads = scaling.torch_threads or max(1, (os.cpu_count() or 1) // sweep.max_concurrent_trials)
+    threads = base_cfg.scaling.torch_threads or max(1, (os.cpu_count() or 1) // sweep.max_concurrent_trials)
 
     def trial(config: dict) -> None:  # one Tune trial: one evaluation, a child MLflow run
         index = config["trial"]
@@ -278,6 +295,12 @@ def _evaluation_trials(sweep: Sweep, sweep_name: str, parent, base_cfg: Config, 
 
     study = Study(parent.client, parent_id, [base_cfg], sweep.grid, eval_only=True, baselines=baselines)
     return trial, resources, lambda: run_analyses(study)
+
+
+def evaluation_resources(cfg: Config) -> dict:
+    """What one evaluation trial asks Tune for."""
+    scaling = cfg.scaling
+    return {"CPU": scaling.cpus_per_worker or 1.0, **({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})}
 
 
 def _children(parent) -> list:

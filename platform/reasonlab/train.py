@@ -412,10 +412,19 @@ def run_training(cfg: Config, parent_run_id: str | None = None, callbacks: list 
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from reasonlab.cluster import check_cluster_resources
     from reasonlab.data import train_dataset
     from reasonlab.tracking import DriverRun, storage_path
 
     cfg = config_from_dict(spec["config"], job=cfg.job)  # with the derived sizes, so they are logged
+    # Train V2 sends worker prints both to stdout and to its logger, so each line showed twice
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level="WARNING",
+                 log_to_driver=True, configure_logging=True)
+    resources = worker_resources(cfg, ray.available_resources().get("CPU", 1.0))
+    # workers no node can hold would be waited for forever: refused here, before a run exists (ConfigError)
+    check_cluster_resources([(resources, cfg.scaling.num_workers)])
     run = DriverRun(cfg, run_name, parent_run_id=parent_run_id)
     storage = storage_path(cfg)
     print(f"{'resuming' if run.resumed else 'starting'} run {run_name} (MLflow run {run.run_id}); "
@@ -428,15 +437,9 @@ def run_training(cfg: Config, parent_run_id: str | None = None, callbacks: list 
             if make_task(cfg.task).write_artifacts(d):  # e.g. the profiles every question is about
                 run.log_artifacts(d, "data")
 
-    # Train V2 sends worker prints both to stdout and to its logger, so each line showed twice
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     status = "FAILED"
     try:
-        if not ray.is_initialized():
-            ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level="WARNING",
-                     log_to_driver=True, configure_logging=True)
         quiet_data_context()
-        resources = worker_resources(cfg, ray.available_resources().get("CPU", 1.0))
         spec.update(run_id=run.run_id, tracking_uri=run.uri)
         total = cfg.train.max_steps * cfg.train.batch_size
 

@@ -1,6 +1,8 @@
 """Job files and overrides: typed, validated, one clear line and exit status 2 on bad input."""
 from __future__ import annotations
 
+import socket
+
 import pytest
 
 from conftest import REPO, cli_in_fresh_python
@@ -49,6 +51,10 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
     (["train.weight_decay=.nan"], "train.weight_decay: expected a finite number, got nan"),
     (["model.pretrained=/nonexistent/dir"], "model.pretrained: /nonexistent/dir is not a folder holding a saved model"),
     (["model.pretrained=./no/such/model"], "/no/such/model is not a folder holding a saved model"),
+    (["model.pretrained=~/no/such/model"], "/no/such/model is not a folder holding a saved model"),
+    (["model.pretrained=owner/bad name!"], "model.pretrained: 'owner/bad name!' is neither a local model folder nor"),
+    (["model.pretrained=owner/a--b"], "model.pretrained: 'owner/a--b' is neither a local model folder nor a hub id"),
+    (["model.pretrained=-x"], "model.pretrained: '-x' is neither a local model folder nor a hub id"),
     (["eval.steps=4"], "eval.steps: sampling steps apply to diffusion methods; method.name is 'cot'"),
 ])
 def test_bad_values_name_the_key(override, message):
@@ -89,8 +95,68 @@ def test_bad_files(tmp_path):
     bad.write_bytes(b"task: {name: multiplication}\nmodel: {arch: \xff\xfe}\n")
     with pytest.raises(ConfigError, match="bad.yaml: not a UTF-8 text file"):
         load_config(bad)
+    bad.write_bytes(b"task: {name: multiplication}\n\x00\x01\x02")  # valid UTF-8, but binary
+    with pytest.raises(ConfigError, match=r"bad.yaml: not a text file \(control character 0x00 at byte 29\)") as e:
+        load_config(bad)
+    assert "\n" not in str(e.value)
 
 
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    """huggingface_hub with an empty cache under tmp_path, online, and a hub endpoint nothing listens on."""
+    from huggingface_hub import constants
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: connecting is refused at once
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    return constants
+
+
+def test_a_hub_model_that_cannot_be_had_is_refused_by_the_driver_in_one_line(hub, tmp_path, capsys, monkeypatch):
+    from reasonlab.cli import main
+    from reasonlab.models.hub import check_hub_model
+
+    with pytest.raises(ConfigError, match=r"model.pretrained: owner/model: cannot reach http://127.0.0.1:\d+ \("):
+        check_hub_model("owner/model")
+    hub.HF_HUB_OFFLINE = True
+    with pytest.raises(ConfigError, match="owner/model is not in the local Hugging Face cache .* HF_HUB_OFFLINE"):
+        check_hub_model("owner/model")
+    # the CLI: exit status 2 and one line, from the driver before Ray or an MLflow run
+    import reasonlab.tracking
+
+    monkeypatch.setattr(reasonlab.tracking, "DriverRun", lambda *a, **k: pytest.fail("an MLflow run was created"))
+    assert main(["train", str(QUICKSTART), "model.pretrained=owner/model"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("reasonlab: error: model.pretrained: owner/model is not in the local")
+    assert len(err.splitlines()) == 1
+    # a model in the cache loads offline: nothing asked
+    snapshot = tmp_path / "hub" / "models--owner--model" / "snapshots" / "abc"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (tmp_path / "hub" / "models--owner--model" / "refs").mkdir()
+    (tmp_path / "hub" / "models--owner--model" / "refs" / "main").write_text("abc")
+    check_hub_model("owner/model")
+
+
+def test_a_hub_that_does_not_answer_fails_the_check_instead_of_hanging(hub, monkeypatch):
+    import threading
+
+    from huggingface_hub import HfApi
+
+    from reasonlab.models.hub import check_hub_model
+
+    release = threading.Event()
+    monkeypatch.setattr(HfApi, "model_info", lambda *a, **k: release.wait(60))  # a lookup that never returns
+    try:
+        with pytest.raises(ConfigError, match=r"model.pretrained: owner/model: no answer from .* within 0.5 s"):
+            check_hub_model("owner/model", timeout=0.5)
+    finally:
+        release.set()
 
 
 @pytest.mark.parametrize("args, message", [

@@ -37,6 +37,43 @@ def test_bad_sweep_files_fail_before_ray(tmp_path, text, message):
     assert "Traceback" not in result.stderr and "NO_RAY" in result.stdout
 
 
+@pytest.mark.parametrize("content, message", [
+    (b"grid: {train.lr: [1.0e-3, .inf]}\n", "trial train.lr=.inf: train.lr: expected a finite number, got inf"),
+    (b"grid: {train.lr: [1e400]}\n", "trial train.lr=1e400: train.lr: expected a finite number, got '1e400'"),
+    (b"grid: {model.dropout: [.nan]}\n", "model.dropout: expected a finite number, got nan"),
+    (b"overrides: [train.weight_decay=.nan]\ngrid: {train.lr: [1.0e-3]}\n",
+     "train.weight_decay: expected a finite number, got nan"),
+    (b"grid: {method.pack: [-.inf]}\n", "method.pack: expected an integer, got float -inf"),
+    (b"grid: {train.lr: [1.0e-3]}\nmax_concurrent_trials: .inf\n", "max_concurrent_trials: expected an integer > 0"),
+    (b"grid: {train.lr: [1.0e-3]}\n# \xe9t\xe9\n", "bad.yaml: not a UTF-8 text file (byte 29)"),
+    (b"grid: {train.lr: [1.0e-3]}\n\x00\x01", "bad.yaml: not a text file (control character 0x00 at byte 27)"),
+])
+def test_non_finite_values_and_binary_sweep_files_are_refused_with_one_line(tmp_path, content, message):
+    from reasonlab.config import ConfigError
+    from reasonlab.sweep import load_sweep
+
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(content + f"\nbase: {REPO / 'jobs' / 'quickstart.yaml'}\n".encode())
+    with pytest.raises(ConfigError) as e:
+        load_sweep(path)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_sweep_asks_for_its_hub_model_once_before_ray(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from reasonlab.config import ConfigError
+    from reasonlab.sweep import load_sweep
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    path = tmp_path / "pretrained.yaml"
+    path.write_text(f"base: {REPO / 'jobs' / 'quickstart.yaml'}\noverrides: [model.pretrained=owner/model]\n"
+                    f"grid: {{train.lr: [1.0e-3, 2.0e-3]}}\n")
+    with pytest.raises(ConfigError, match="pretrained.yaml: model.pretrained: owner/model is not in the local"):
+        load_sweep(path)
+
+
 def _run_sweep(path, overrides: list[str], home):
     """`reasonlab sweep PATH OVERRIDES...`, which must succeed → (its output, an MLflow client, the parent run)."""
     result = reasonlab("sweep", str(path), *overrides)

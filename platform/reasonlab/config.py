@@ -52,6 +52,8 @@ class ModelConfig:
             if not (folder / "config.json").is_file():
                 raise ConfigError(f"model.pretrained: {self.pretrained} is not a folder holding a saved model "
                                   f"(no config.json there); expected a save_pretrained folder or a hub id")
+        elif self.pretrained:
+            _check_hub_id(self.pretrained)
         if self.n_params is not None:
             _positive(self, "model", "n_params")
             if self.pretrained:
@@ -264,13 +266,21 @@ def read_yaml_mapping(path: str | Path, kind: str, expected: str) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path}: {kind} file not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        data = yaml.safe_load(text)
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not a UTF-8 text file (byte {e.start}); expected a YAML {kind} file") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the {kind} file: {e.strerror or e}") from None
+    except yaml.reader.ReaderError as e:  # valid UTF-8 holding control characters (NUL, ...): a binary file
+        byte = len(text[: e.position].encode("utf-8"))
+        raise ConfigError(f"{path}: not a text file (control character {e.character:#04x} at byte {byte}); "
+                          f"expected a YAML {kind} file") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+        problem = " ".join(str(getattr(e, "problem", None) or e).split())  # one line
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -433,6 +443,18 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
 def _looks_like_path(value: str) -> bool:
     """A local path rather than a hub id (`name` or `org/name`)."""
     return value.startswith(("/", ".", "~")) or value.count("/") > 1 or Path(value).exists()
+
+
+def _check_hub_id(value: str) -> None:
+    """A `model.pretrained` that is not a local path must be a hub id by the hub's own rules (whether the
+    hub has it is asked once by the driver: models.hub.check_hub_model)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(value)
+    except HFValidationError as e:
+        raise ConfigError(f"model.pretrained: {value!r} is neither a local model folder nor a hub id "
+                          f"('name' or 'owner/name'): {' '.join(str(e).split())}") from None
 
 
 def _show(value: Any) -> str:

@@ -31,6 +31,7 @@ from pathlib import Path
 import yaml
 
 from reasonlab.config import Config, ConfigError, load_config, override_list, read_yaml_mapping
+from reasonlab.models.hub import check_hub_model
 from reasonlab.runref import RunRef
 
 SWEEP_KEYS = {"base", "overrides", "grid", "max_concurrent_trials", "trained_run", "baselines"}
@@ -94,12 +95,21 @@ def load_sweep(path: str | Path, cli_overrides: list[str] = ()):
     concurrent = data.get("max_concurrent_trials", len(trials))
     if not isinstance(concurrent, int) or isinstance(concurrent, bool) or concurrent < 1:
         raise ConfigError(f"{path}: max_concurrent_trials: expected an integer > 0, got {concurrent!r}")
-    sweep = Sweep(path.stem, base, [*overrides, *cli_overrides], grid, concurrent, path.read_text(), trials)
+    text = path.read_text(encoding="utf-8")  # read_yaml_mapping has checked it is UTF-8
+    sweep = Sweep(path.stem, base, [*overrides, *cli_overrides], grid, concurrent, text, trials)
+    hub_models = set()
     for i in range(len(trials)):
         try:
-            sweep.trial_config(i)
+            cfg = sweep.trial_config(i)
         except ConfigError as e:
             raise ConfigError(f"{path}: trial {' '.join(trials[i])}: {e}") from None
+        if cfg.model.pretrained and not os.path.isabs(cfg.model.pretrained):  # local folders are absolute now
+            hub_models.add(cfg.model.pretrained)
+    for repo_id in sorted(hub_models):  # asked once here, not in every trial after Ray has started
+        try:
+            check_hub_model(repo_id)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
     _resolve_runs(sweep, data, path)
     return sweep
 
@@ -169,6 +179,10 @@ def run_sweep(sweep) -> str:
     # trial actors may not see the driver's environment: they log where the driver does
     pinned = [f"tracking.uri={tracking_uri(base_cfg)}", f"tracking.storage_path={storage_path(base_cfg)}"]
     sweep_name = f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(2).hex()}"
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level="WARNING")
+    check_trial_resources(sweep, base_cfg)  # before the parent run exists: nothing is left to close
     parent = DriverRun(base_cfg, sweep_name)
     parent.client.set_tag(parent.run_id, "reasonlab.sweep", sweep.name)
     parent.client.log_text(parent.run_id, sweep.text, "sweep.yaml")
@@ -180,9 +194,6 @@ def run_sweep(sweep) -> str:
 
     status = "FAILED"
     try:
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-        if not ray.is_initialized():
-            ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level="WARNING")
         plan = _evaluation_trials if sweep.eval_only else _training_trials
         trial, resources, analyses = plan(sweep, sweep_name, parent, base_cfg, pinned)
         tuner = tune.Tuner(
@@ -206,6 +217,23 @@ def run_sweep(sweep) -> str:
         parent.end(status)
         _close_children(parent)
     return parent.run_id
+
+
+def check_trial_resources(sweep: Sweep, base_cfg: Config) -> None:
+    """ConfigError naming the sweep if the cluster can never hold a trial's workers (cluster.py): Tune would keep
+    every such trial pending, and Train retry its worker group, forever."""
+    import ray
+
+    from reasonlab.cluster import check_cluster_resources
+    from reasonlab.train import worker_resources
+
+    cpus = ray.available_resources().get("CPU", 1.0)
+    if sweep.eval_only:  # one trial actor per evaluation
+        requests = [(evaluation_resources(base_cfg), 1)]
+    else:
+        configs = [sweep.trial_config(i) for i in range(len(sweep.trials))]
+        requests = [(worker_resources(cfg, cpus), cfg.scaling.num_workers) for cfg in configs]
+    check_cluster_resources(requests, where=f"sweep {sweep.name}: ")
 
 
 def _training_trials(sweep: Sweep, sweep_name: str, parent, base_cfg: Config, pinned: list[str]) -> tuple:
@@ -256,10 +284,9 @@ def _evaluation_trials(sweep: Sweep, sweep_name: str, parent, base_cfg: Config, 
         print(f"training baseline {label}", flush=True)
         baselines[train_or_reuse(load_config(job, overrides), f"{sweep_name}-baseline{i}")] = label
     parent_id = parent.run_id
-    scaling = base_cfg.scaling
-    resources = {"CPU": scaling.cpus_per_worker or 1.0, **({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})}
+    resources = evaluation_resources(base_cfg)
     # the machine's cores shared by the trials that run at once
-    threads = scaling.torch_threads or max(1, (os.cpu_count() or 1) // sweep.max_concurrent_trials)
+    threads = base_cfg.scaling.torch_threads or max(1, (os.cpu_count() or 1) // sweep.max_concurrent_trials)
 
     def trial(config: dict) -> None:  # one Tune trial: one evaluation, a child MLflow run
         index = config["trial"]
@@ -268,6 +295,12 @@ def _evaluation_trials(sweep: Sweep, sweep_name: str, parent, base_cfg: Config, 
 
     study = Study(parent.client, parent_id, [base_cfg], sweep.grid, eval_only=True, baselines=baselines)
     return trial, resources, lambda: run_analyses(study)
+
+
+def evaluation_resources(cfg: Config) -> dict:
+    """What one evaluation trial asks Tune for."""
+    scaling = cfg.scaling
+    return {"CPU": scaling.cpus_per_worker or 1.0, **({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})}
 
 
 def _children(parent) -> list:

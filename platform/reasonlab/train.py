@@ -19,6 +19,7 @@ from reasonlab.loop import TrainLoop
 from reasonlab.methods import example_length, make_method, prompt_length, sequence_length, target_length
 from reasonlab.models import count_parameters
 from reasonlab.models.causal import count_used_parameters, size_for_params
+from reasonlab.models.hub import check_hub_model
 from reasonlab.tasks import make_task
 from reasonlab.tokenizer import build_tokenizer, load_tokenizer, tokenizer_files, tokenizer_from_files
 
@@ -301,6 +302,7 @@ class TrainOutcome:
 
 def prepare_run(cfg: Config) -> dict:
     """Everything the workers need that the driver computes once: tokenizer, lengths."""
+    check_pretrained(cfg)
     task, method = make_task(cfg.task), make_method(cfg.method, cfg)
     inputs, input_tokenizer = resolve_inputs(cfg)
     if input_tokenizer is not None:  # the same token ids as the runs it reads
@@ -323,6 +325,13 @@ def prepare_run(cfg: Config) -> dict:
     # names the (task, method, tokenizer) encoder, so Ray Data workers build it once, not per batch
     spec["encoder_key"] = hashlib.sha1(pickle.dumps([spec["config"], spec["tokenizer"], seq_len])).hexdigest()
     return spec
+
+
+def check_pretrained(cfg: Config) -> None:
+    """A hub id in `model.pretrained` is asked for once, here, with a short timeout (ConfigError if it cannot
+    be had); a local folder was checked with the job."""
+    if cfg.model.pretrained and not os.path.isabs(cfg.model.pretrained):  # the job made local paths absolute
+        check_hub_model(cfg.model.pretrained)
 
 
 def resolve_inputs(cfg: Config) -> tuple[dict, object | None]:
@@ -425,10 +434,19 @@ def run_training(cfg: Config, parent_run_id: str | None = None, callbacks: list 
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from reasonlab.cluster import check_cluster_resources
     from reasonlab.data import train_dataset
     from reasonlab.tracking import DriverRun, storage_path
 
     cfg = config_from_dict(spec["config"], job=cfg.job)  # with the derived sizes, so they are logged
+    # Train V2 sends worker prints both to stdout and to its logger, so each line showed twice
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level="WARNING",
+                 log_to_driver=True, configure_logging=True)
+    resources = worker_resources(cfg, ray.available_resources().get("CPU", 1.0))
+    # workers no node can hold would be waited for forever: refused here, before a run exists (ConfigError)
+    check_cluster_resources([(resources, cfg.scaling.num_workers)])
     run = DriverRun(cfg, run_name, parent_run_id=parent_run_id)
     storage = storage_path(cfg)
     print(f"{'resuming' if run.resumed else 'starting'} run {run_name} (MLflow run {run.run_id}); "
@@ -441,15 +459,9 @@ def run_training(cfg: Config, parent_run_id: str | None = None, callbacks: list 
             if make_task(cfg.task).write_artifacts(d):  # e.g. the profiles every question is about
                 run.log_artifacts(d, "data")
 
-    # Train V2 sends worker prints both to stdout and to its logger, so each line showed twice
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     status = "FAILED"
     try:
-        if not ray.is_initialized():
-            ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level="WARNING",
-                     log_to_driver=True, configure_logging=True)
         quiet_data_context()
-        resources = worker_resources(cfg, ray.available_resources().get("CPU", 1.0))
         spec.update(run_id=run.run_id, tracking_uri=run.uri)
         total = cfg.train.max_steps * cfg.train.batch_size
 

@@ -130,12 +130,17 @@ def test_a_small_model_learns_two_digit_multiplication_with_cot(mult):
     seq_len = sequence_length(task, method, tok)
     model = build_causal_lm(cfg.model, len(tok), seq_len, tok.eos_token_id, CPU)
     loop = TrainLoop(model, method, cfg.train, CPU)
-    for step in range(cfg.train.max_steps):
-        batch = {k: torch.from_numpy(v) for k, v in method.encode(task.examples(step * 64, step * 64 + 64), tok,
-                                                                   seq_len).items()}
-        loop.train_step([batch])
-    result = evaluate(model, tok, method, task.heldout("test")[:300], batch_size=100,
-                      max_new_tokens=target_length(task, method, tok) + 4, device=CPU)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a model this small only waits on a second thread
+    try:
+        for step in range(cfg.train.max_steps):
+            batch = {k: torch.from_numpy(v) for k, v in method.encode(task.examples(step * 64, step * 64 + 64),
+                                                                       tok, seq_len).items()}
+            loop.train_step([batch])
+        result = evaluate(model, tok, method, task.heldout("test")[:300], batch_size=100,
+                          max_new_tokens=target_length(task, method, tok) + 4, device=CPU)
+    finally:
+        torch.set_num_threads(threads)
     assert result.accuracy >= 0.9, result.predictions[:3]
     assert result.examples_per_sec > 0 and result.num_examples == 300
     right = [p for p in result.predictions if p["correct"]]

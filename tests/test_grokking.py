@@ -85,6 +85,7 @@ def test_the_table_finds_the_fit_the_grokking_step_and_the_best_accuracies(tmp_p
                       test_ood=[0.0, 0.01, 0.03, 0.02])
     row = grokking_row(grokked)
     assert row["steps_to_fit"] == 100 and row["steps_to_id95"] == 10000 and row["grok_delay"] == 100
+    assert row["steps_to_id50"] == 1000
     assert row["best_id"] == 0.97 and row["best_ood"] == 0.03 and row["final_ood"] == 0.02
     # the atomic facts not yet fit at 100 steps: the training set is fit only when every trained set is
     late = _curves(train=[0.1, 1.0, 1.0, 1.0], atomic=[0.5, 0.9, 1.0, 1.0], test_id=[0, 0, 0, 0], test_ood=[0, 0, 0, 0])

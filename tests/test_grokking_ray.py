@@ -62,13 +62,13 @@ def test_the_sweep_leaves_dense_curves_the_table_and_plots_with_snapshots_apart_
     assert "ID 95% at" in out and "grokking.csv" in out
 
 
-def test_probe_reads_a_snapshot_and_the_final_model_into_child_runs(grokking_sweep, tmp_path):
+def test_probe_reads_a_snapshot_and_the_final_model_into_child_runs(grokking_sweep, tmp_path, capsys):
     _, client, parent, children = grokking_sweep
     trial = children[0]
     name = trial.data.tags["reasonlab.run_name"]
-    result = reasonlab("probe", name, "--step", "10", "--examples", "30")
-    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    assert "bridge" in result.stdout and "at step 10" in result.stdout
+    assert main(["probe", name, "--step", "10", "--examples", "30"]) == 0  # the CLI, in this process
+    out = capsys.readouterr().out
+    assert "bridge" in out and "at step 10" in out
     probes = client.search_runs([parent.info.experiment_id],
                                 filter_string=f"tags.`mlflow.parentRunId` = '{trial.info.run_id}'")
     assert len(probes) == 1 and probes[0].info.status == "FINISHED"
@@ -82,7 +82,7 @@ def test_probe_reads_a_snapshot_and_the_final_model_into_child_runs(grokking_swe
     assert {int(r["layer"]) for r in lens} == {0, 1, 2}
     linear = list(csv.DictReader(open(client.download_artifacts(probe_id, "linear_probes.csv", str(tmp_path)))))
     assert {r["target"] for r in linear} == {"bridge"} and len(linear) == 3 * 3
-    # the final model, the logit lens only: in process, so the CLI's own path runs here too
+    # the final model, the logit lens only
     assert main(["probe", trial.info.run_id, "--kind", "logit_lens", "--examples", "20"]) == 0
     probes = client.search_runs([parent.info.experiment_id],
                                 filter_string=f"tags.`mlflow.parentRunId` = '{trial.info.run_id}'")

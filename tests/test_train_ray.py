@@ -183,23 +183,28 @@ def test_ray_job_submit_reaches_succeeded(ray_head, reasonlab_home):
     assert _run(reasonlab_home, name).info.status == "FINISHED"
 
 
-def test_ui_serves_the_runs(ray_head, reasonlab_home):
+def test_ui_serves_the_runs(ray_head, reasonlab_home, tmp_path, monkeypatch):
     """`reasonlab ui` is the MLflow UI on loopback over the default store, artifacts included."""
     name = "e2e-1"  # finished by test_training_run_is_tracked_end_to_end
     expected = _run(reasonlab_home, name)
     port = _free_port()
-    proc = subprocess.Popen([str(BIN / "reasonlab"), "ui", "--port", str(port)], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    # the server's output goes to a file: its job consumers outlive it and would hold a pipe open forever
+    log = tmp_path / "ui.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([str(BIN / "reasonlab"), "ui", "--port", str(port)], cwd=REPO,
+                                stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         client = MlflowClient(f"http://127.0.0.1:{port}")
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # poll once a second, not with backoff
         deadline = time.time() + 120
         while True:
             try:
                 experiments = client.search_experiments()
                 break
             except Exception:
-                assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-2000:]
+                assert proc.poll() is None and time.time() < deadline, log.read_text()[-2000:]
                 time.sleep(1)
+        monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
         runs = client.search_runs([e.experiment_id for e in experiments],
                                   filter_string=f"tags.`reasonlab.run_name` = '{name}'")
         assert [r.info.run_id for r in runs] == [expected.info.run_id]
@@ -207,5 +212,5 @@ def test_ui_serves_the_runs(ray_head, reasonlab_home):
         assert {"config.yaml", "model", "tokenizer", "predictions.jsonl"} <= {
             f.path for f in client.list_artifacts(expected.info.run_id)}
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+        os.killpg(proc.pid, signal.SIGKILL)  # the server and every process it started
         proc.wait(timeout=30)

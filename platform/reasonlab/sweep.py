@@ -184,16 +184,16 @@ def run_sweep(sweep) -> str:
         ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level="WARNING")
     check_trial_resources(sweep, base_cfg)  # before the parent run exists: nothing is left to close
     parent = DriverRun(base_cfg, sweep_name)
-    parent.client.set_tag(parent.run_id, "reasonlab.sweep", sweep.name)
-    parent.client.log_text(parent.run_id, sweep.text, "sweep.yaml")
-    if not sweep.eval_only:
-        log_task_artifacts(parent.client, parent.run_id, [sweep.trial_config(i) for i in range(len(sweep.trials))])
-    what = "evaluations of one model" if sweep.eval_only else "trials"
-    print(f"sweep {sweep_name}: {len(sweep.trials)} {what}, at most {sweep.max_concurrent_trials} at once "
-          f"(MLflow parent run {parent.run_id})", flush=True)
-
     status = "FAILED"
-    try:
+    try:  # from here on the parent run and its children are closed however the sweep stops
+        parent.client.set_tag(parent.run_id, "reasonlab.sweep", sweep.name)
+        parent.client.log_text(parent.run_id, sweep.text, "sweep.yaml")
+        if not sweep.eval_only:
+            log_task_artifacts(parent.client, parent.run_id,
+                               [sweep.trial_config(i) for i in range(len(sweep.trials))])
+        what = "evaluations of one model" if sweep.eval_only else "trials"
+        print(f"sweep {sweep_name}: {len(sweep.trials)} {what}, at most {sweep.max_concurrent_trials} at once "
+              f"(MLflow parent run {parent.run_id})", flush=True)
         plan = _evaluation_trials if sweep.eval_only else _training_trials
         trial, resources, analyses = plan(sweep, sweep_name, parent, base_cfg, pinned)
         tuner = tune.Tuner(

@@ -451,16 +451,15 @@ def run_training(cfg: Config, parent_run_id: str | None = None, callbacks: list 
     storage = storage_path(cfg)
     print(f"{'resuming' if run.resumed else 'starting'} run {run_name} (MLflow run {run.run_id}); "
           f"restart with tracking.run_name={run_name} to resume it", file=out, flush=True)
-    if not run.resumed:
-        with tempfile.TemporaryDirectory() as d:
-            tokenizer_from_files(spec["tokenizer"]).save_pretrained(d)
-            run.log_artifacts(d, "tokenizer")
-        with tempfile.TemporaryDirectory() as d:
-            if make_task(cfg.task).write_artifacts(d):  # e.g. the profiles every question is about
-                run.log_artifacts(d, "data")
-
     status = "FAILED"
-    try:
+    try:  # from here on, however the driver stops, the run is closed (a stop while logging the data included)
+        if not run.resumed:
+            with tempfile.TemporaryDirectory() as d:
+                tokenizer_from_files(spec["tokenizer"]).save_pretrained(d)
+                run.log_artifacts(d, "tokenizer")
+            with tempfile.TemporaryDirectory() as d:
+                if make_task(cfg.task).write_artifacts(d):  # e.g. the profiles every question is about
+                    run.log_artifacts(d, "data")
         quiet_data_context()
         spec.update(run_id=run.run_id, tracking_uri=run.uri)
         total = cfg.train.max_steps * cfg.train.batch_size

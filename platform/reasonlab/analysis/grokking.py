@@ -10,7 +10,8 @@ SETS = ("train_inferred", "id_atomic", "ood_atomic", "test_inferred_id", "test_i
 TRAINED = SETS[:3]
 FIT = 0.99  # every trained set at least this accurate: the training set is fit
 GROKKED = 0.95  # held-out ID inferred facts at least this accurate: generalized ("grokked")
-COLUMNS = ["trial", "phi", "weight_decay", "grad_filter", "steps", "steps_to_fit", "steps_to_id95",
+HALFWAY = 0.5  # ... half of them answered: how fast generalization gets going, for runs too short to grok
+COLUMNS = ["trial", "phi", "weight_decay", "grad_filter", "steps", "steps_to_fit", "steps_to_id50", "steps_to_id95",
            "grok_delay", "best_id", "best_ood", "final_id", "final_ood", "eval_share", "status", "run_id"]
 
 
@@ -37,7 +38,7 @@ def grokking_row(curves: dict) -> dict:
     id_curve, ood_curve = curves.get(_key("test_inferred_id"), []), curves.get(_key("test_inferred_ood"), [])
     fit, grok = fit_step(curves), first_step(id_curve, GROKKED)
     last = lambda points: sorted(points)[-1][1] if points else math.nan  # noqa: E731
-    return {"steps_to_fit": fit, "steps_to_id95": grok,
+    return {"steps_to_fit": fit, "steps_to_id50": first_step(id_curve, HALFWAY), "steps_to_id95": grok,
             "grok_delay": grok / fit if fit and grok else None,  # how much longer generalizing took than fitting
             "best_id": max((v for _, v in id_curve), default=math.nan),
             "best_ood": max((v for _, v in ood_curve), default=math.nan),
@@ -49,10 +50,12 @@ def format_grokking(rows: list[dict]) -> str:
     def steps(value) -> str:
         return f"{value:,}" if value else "—"
 
-    lines = [f"{'trial':<28} {'phi':>5} {'wd':>5} {'fit at':>9} {'ID 95% at':>10} {'best ID':>8} {'best OOD':>9}"]
+    lines = [f"{'trial':<36} {'phi':>5} {'wd':>5} {'fit at':>8} {'ID 50% at':>10} {'ID 95% at':>10} {'best ID':>8} "
+             f"{'best OOD':>9}"]
     for r in rows:
-        lines.append(f"{r['trial']:<28} {r['phi']:>5g} {r['weight_decay']:>5g} {steps(r['steps_to_fit']):>9} "
-                     f"{steps(r['steps_to_id95']):>10} {100 * r['best_id']:>7.1f}% {100 * r['best_ood']:>8.1f}%")
+        lines.append(f"{r['trial']:<36} {r['phi']:>5g} {r['weight_decay']:>5g} {steps(r['steps_to_fit']):>8} "
+                     f"{steps(r['steps_to_id50']):>10} {steps(r['steps_to_id95']):>10} {100 * r['best_id']:>7.1f}% "
+                     f"{100 * r['best_ood']:>8.1f}%")
     return "\n".join(lines) + "\n"
 
 
@@ -95,8 +98,9 @@ def plot_curves(trials: list[tuple[str, dict]], path: str) -> None:
 
 
 def plot_steps_vs_phi(rows: list[dict], path: str) -> None:
-    """Steps to fit the training set and to reach 95% on held-out ID inferred facts against φ, one series
-    per weight decay (and gradient filter); a trial that never reached 95% is an open marker at its last step."""
+    """Steps to fit the training set and to reach 50% and 95% on held-out ID inferred facts against φ, one
+    series per weight decay (and gradient filter); a trial that never reached 95% is an open marker at its last
+    step."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.4))
     series: dict[str, list[dict]] = {}
@@ -109,6 +113,9 @@ def plot_steps_vs_phi(rows: list[dict], path: str) -> None:
         fit = [(r["phi"], r["steps_to_fit"]) for r in group if r["steps_to_fit"]]
         if fit:
             ax.plot(*zip(*fit), "--", color=color, marker="s", alpha=0.5, label=f"fit the training set ({name})")
+        half = [(r["phi"], r["steps_to_id50"]) for r in group if r["steps_to_id50"]]
+        if half:
+            ax.plot(*zip(*half), ":", color=color, marker="^", label=f"50% held-out ID ({name})")
         grok = [(r["phi"], r["steps_to_id95"]) for r in group if r["steps_to_id95"]]
         if grok:
             ax.plot(*zip(*grok), "-", color=color, marker="o", label=f"95% held-out ID ({name})")

@@ -83,6 +83,7 @@ def plot_curves(trials: list[tuple[str, dict]], path: str) -> None:
                 color, style = styles[name]
                 ax.plot([s for s, _ in points], [100 * v for _, v in points], style, color=color, label=name)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(_no_labels())  # decades only: the minor labels overlap
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("optimization step")
         ax.set_ylim(-3, 103)
@@ -97,12 +98,18 @@ def plot_curves(trials: list[tuple[str, dict]], path: str) -> None:
     plt.close(fig)
 
 
+def _no_labels():
+    from matplotlib.ticker import NullFormatter
+
+    return NullFormatter()
+
+
 def plot_steps_vs_phi(rows: list[dict], path: str) -> None:
     """Steps to fit the training set and to reach 50% and 95% on held-out ID inferred facts against φ, one
     series per weight decay (and gradient filter); a trial that never reached 95% is an open marker at its last
     step."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4.4))
+    fig, (ax, best) = plt.subplots(1, 2, figsize=(11, 4.4))
     series: dict[str, list[dict]] = {}
     for r in rows:
         name = f"wd={r['weight_decay']:g}" + ("" if r["grad_filter"] in (None, "none") else f", {r['grad_filter']}")
@@ -122,12 +129,19 @@ def plot_steps_vs_phi(rows: list[dict], path: str) -> None:
         missed = [(r["phi"], r["steps"]) for r in group if not r["steps_to_id95"]]
         if missed:
             ax.scatter(*zip(*missed), facecolors="none", edgecolors=color, marker="o", s=60,
-                       label=f"not reached by the last step ({name})")
+                       label=f"95% held-out ID not reached by the last step ({name})")
+        phis = [r["phi"] for r in group]
+        best.plot(phis, [100 * r["best_id"] for r in group], "-o", color=color, label=f"held-out ID ({name})")
+        best.plot(phis, [100 * r["best_ood"] for r in group], "--x", color=color, label=f"held-out OOD ({name})")
     ax.set_yscale("log")
-    ax.set_xlabel("φ (inferred facts per ID atomic fact)")
     ax.set_ylabel("optimization steps")
-    ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
+    best.set_ylim(-3, 103)
+    best.set_ylabel("best accuracy on held-out inferred facts (%)")
+    best.legend(fontsize=7)
+    for a in (ax, best):
+        a.set_xlabel("φ (inferred facts per ID atomic fact)")
+        a.grid(alpha=0.3, which="both")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

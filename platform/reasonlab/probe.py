@@ -100,8 +100,8 @@ def probe_run(ref_text: str, step: int | None = None, kinds: tuple[str, ...] = K
 
 
 def summarize(rows: dict[str, list[dict]]) -> str:
-    """Per set and target: where the logit lens first ranks the target on top at its position, and the
-    layer where a linear probe reads it best."""
+    """Per set and target: the layer where the logit lens gives the target its highest probability at its
+    position, and the layer where a linear probe reads it best."""
     lines = []
     for r in _best(rows.get("logit_lens", []), "probability", lambda r: r["target_position"]):
         lines.append(f"logit lens  {r['set']:<20} {r['target']:<16} top probability {r['probability']:.3f} at "

@@ -36,7 +36,7 @@ def train_loop_per_worker(spec: dict) -> None:
     import ray.train.torch
     import transformers
 
-    from reasonlab.tracking import RunLogger
+    from reasonlab.tracking import RunLogger, snapshot_path
 
     transformers.utils.logging.disable_progress_bar()
     cfg = config_from_dict(spec["config"], job=spec["job"])
@@ -116,7 +116,7 @@ def train_loop_per_worker(spec: dict) -> None:
             extra_sums = {}
 
         if rank == 0 and step in snapshots:
-            save_snapshot(model, tokenizer, method, logger, step)
+            log_model(model, tokenizer, method, logger, snapshot_path(step))
         last = step == cfg.train.max_steps
         evaluating = step % cfg.train.eval_every == 0 or last
         checkpointing = step % cfg.train.checkpoint_interval == 0 or last
@@ -151,14 +151,13 @@ def train_loop_per_worker(spec: dict) -> None:
         finish_run(model, tokenizer, method, task, cfg, spec, device, logger, sizes, capacity)
 
 
-def save_snapshot(model, tokenizer, method, logger, step: int) -> None:
-    """The model at `step`, saved as the final model is, under snapshots/step_XXXXXXXX."""
-    from reasonlab.tracking import snapshot_path
-
+def log_model(model, tokenizer, method, logger, artifact_path: str) -> None:
+    """The model as its method saves it, with the tokenizer, under `artifact_path` (`model`, or a snapshot's
+    snapshots/step_XXXXXXXX)."""
     with tempfile.TemporaryDirectory() as d:
         method.save(model, d)
         tokenizer.save_pretrained(d)
-        logger.log_artifacts(d, snapshot_path(step))
+        logger.log_artifacts(d, artifact_path)
 
 
 def load_inputs(spec: dict, directory: str, device) -> dict:
@@ -190,10 +189,7 @@ def finish_run(model, tokenizer, method, task, cfg: Config, spec: dict, device, 
         print(f"{prefix}: accuracy {result.accuracy:.4f} on {result.num_examples} held-out examples, "
               f"{result.examples_per_sec:.1f} examples/s (batch size {cfg.eval.batch_size})", flush=True)
         predictions += [{"set": prefix, **p} for p in result.predictions[: cfg.eval.log_predictions]]
-    with tempfile.TemporaryDirectory() as d:
-        method.save(model, d)
-        tokenizer.save_pretrained(d)
-        logger.log_artifacts(d, "model")
+    log_model(model, tokenizer, method, logger, "model")
     logger.log_text("".join(json.dumps(p) + "\n" for p in predictions), "predictions.jsonl")
     with tempfile.TemporaryDirectory() as d:
         method.finish(logger.metric_history, d)  # e.g. internalization.png; the store is read only if used

@@ -14,14 +14,9 @@ from torch import nn
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:
     """The ordered blocks of a GPT-2, a Llama (and the other `model.layers` decoders of transformers) or
     the diffusion transformer. Block l's input is the `hidden_states[l]` transformers reports."""
-    for path in ("transformer.h", "model.layers", "blocks"):
-        node = model
-        for part in path.split("."):
-            node = getattr(node, part, None)
-            if node is None:
-                break
-        if isinstance(node, nn.ModuleList):
-            return node
+    found = _first_at(model, ("transformer.h", "model.layers", "blocks"), nn.ModuleList)
+    if found is not None:
+        return found
     raise TypeError(f"{type(model).__name__}: no decoder blocks found (expected transformer.h, model.layers or "
                     f"blocks)")
 
@@ -30,16 +25,22 @@ def final_norm(model: nn.Module) -> nn.Module:
     """The norm between the last block and the output layer of a GPT-2 or a Llama: with the output layer, what
     the logit lens reads every layer's state through. (The diffusion transformer's is conditioned on the noise
     level, so no state reads out without one.)"""
-    for path in ("transformer.ln_f", "model.norm"):
+    found = _first_at(model, ("transformer.ln_f", "model.norm"), nn.Module)
+    if found is not None:
+        return found
+    raise TypeError(f"{type(model).__name__}: no unconditioned final norm (expected transformer.ln_f or "
+                    f"model.norm); the logit lens reads causal language models")
+
+
+def _first_at(model: nn.Module, paths: tuple[str, ...], kind: type) -> nn.Module | None:
+    """The first of the dotted attribute `paths` under `model` that exists and is a `kind`."""
+    for path in paths:
         node = model
         for part in path.split("."):
             node = getattr(node, part, None)
-            if node is None:
-                break
-        if isinstance(node, nn.Module):
+        if isinstance(node, kind):
             return node
-    raise TypeError(f"{type(model).__name__}: no unconditioned final norm (expected transformer.ln_f or "
-                    f"model.norm); the logit lens reads causal language models")
+    return None
 
 
 @contextlib.contextmanager

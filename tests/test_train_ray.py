@@ -126,23 +126,32 @@ def test_killed_run_resumes_from_its_last_checkpoint(ray_head, reasonlab_home):
     assert f"step {resumed_at + 5}/300" in out and f"step {resumed_at}/300" not in out  # no step done twice
 
 
-def test_interrupted_run_is_closed_as_killed(ray_head, reasonlab_home):
-    """Ctrl-C in the terminal (SIGINT to the foreground process group) ends the run as KILLED."""
-    name = "interrupted"
+@pytest.mark.parametrize("sig, when", [(signal.SIGINT, "training"), (signal.SIGTERM, "training"),
+                                       (signal.SIGINT, "starting"), (signal.SIGTERM, "starting")])
+def test_a_stopped_run_is_closed_as_killed_and_the_driver_exits_with_one_line(ray_head, reasonlab_home, sig, when):
+    """Ctrl-C in the terminal (SIGINT to the foreground process group) and SIGTERM (`kill`, `timeout`, `ray job
+    stop`), while training or while the run starts: the run ends KILLED and the driver exits within a minute,
+    saying so, with no abort. Each signal is sent twice, once in each phase."""
+    name = f"stopped-{sig.name}-{when}"
     proc = subprocess.Popen([str(BIN / "reasonlab"), "train", "jobs/quickstart.yaml", *TINY, "train.max_steps=2000",
                              f"tracking.run_name={name}"], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.time() + 300
     output = ""
-    for line in proc.stdout:  # wait until training runs
+    for line in proc.stdout:  # wait until the run exists, or until training runs
         output += line
-        if "step 20/2000" in line:
+        if ("step 20/2000" if when == "training" else f"starting run {name}") in line:
             break
         assert time.time() < deadline, output[-2000:]
-    os.killpg(proc.pid, signal.SIGINT)
+    (os.killpg if sig == signal.SIGINT else os.kill)(proc.pid, sig)  # SIGTERM to the driver alone, as `kill` does
+    stopped = time.time()
     rest, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 130, (output + rest)[-3000:]
-    assert "reasonlab: interrupted" in rest
+    assert time.time() - stopped < 60, f"took {time.time() - stopped:.0f} s to exit"
+    assert proc.returncode == (130 if sig == signal.SIGINT else 143), (output + rest)[-3000:]
+    assert rest.rstrip().splitlines()[-1] == ("reasonlab: interrupted; its runs are closed as KILLED"
+                                              if sig == signal.SIGINT else
+                                              "reasonlab: stopped by SIGTERM; its runs are closed as KILLED")
+    assert "Fatal Python error" not in rest and "core dumped" not in rest
     assert _run(reasonlab_home, name).info.status == "KILLED"
 
 

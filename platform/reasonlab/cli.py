@@ -43,7 +43,7 @@ def cmd_sweep(args) -> int:
     from reasonlab.train import TrainingFailed
 
     try:
-        parent = run_sweep(sweep)
+        parent = run_sweep(sweep, resume=args.resume)
     except TrainingFailed as e:  # the model (or a baseline) an eval-only sweep trains first
         print(f"reasonlab: {e}", file=sys.stderr)
         return 1
@@ -115,6 +115,8 @@ def parser() -> argparse.ArgumentParser:
     sweep = verbs.add_parser("sweep", help="run a search space (a YAML file) on Ray Tune, one child run per trial")
     sweep.add_argument("sweep", help="sweep file, e.g. search_spaces/quickstart_sizes.yaml")
     sweep.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="applied to every trial")
+    sweep.add_argument("--resume", metavar="NAME",
+                       help="continue the interrupted sweep NAME (its first line gives the command)")
     sweep.set_defaults(func=cmd_sweep)
 
     data = verbs.add_parser("data", help="look at generated data")
@@ -163,12 +165,18 @@ def main(argv: list[str] | None = None) -> int:
         listed.extend(extra)
     elif extra:
         p.error(f"unrecognized arguments: {' '.join(extra)}")
+    from reasonlab import stopping
+
+    stopping.handle_sigterm()  # `kill`, `timeout`, `ray job stop`: stopped like Ctrl-C, runs closed as KILLED
     try:
         return args.func(args)
     except ConfigError as e:
         return _fail(str(e))
     except KeyboardInterrupt:
-        print("reasonlab: interrupted", file=sys.stderr)
+        if stopping.received:
+            print("reasonlab: stopped by SIGTERM; its runs are closed as KILLED", file=sys.stderr)
+            return 143
+        print("reasonlab: interrupted; its runs are closed as KILLED", file=sys.stderr)
         return 130
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 
+from reasonlab import stopping
 from reasonlab.config import Config, ConfigError
 from reasonlab.runref import RunRef
 
@@ -174,8 +175,14 @@ class DriverRun:
             if parent_run_id:
                 tags["mlflow.parentRunId"] = parent_run_id
             self.run_id = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags).info.run_id
-            self.log_params(cfg.flat())
-            self.client.log_text(self.run_id, cfg.to_yaml(), "config.yaml")
+        self._stop = stopping.on_stop(lambda: self.end("KILLED"))  # closed first if SIGTERM comes
+        if not existing:
+            try:
+                self.log_params(cfg.flat())
+                self.client.log_text(self.run_id, cfg.to_yaml(), "config.yaml")
+            except BaseException as e:  # Ctrl-C while the run is being made: no run is left RUNNING
+                self.end("KILLED" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "FAILED")
+                raise
 
     def log_params(self, params: dict) -> None:
         items = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in params.items()]
@@ -204,6 +211,7 @@ class DriverRun:
             self.end(status)
 
     def end(self, status: str) -> None:
+        stopping.done(self._stop)
         self.client.set_terminated(self.run_id, RunStatus.to_string(RunStatus.from_string(status)))
 
     @property

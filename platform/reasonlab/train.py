@@ -39,6 +39,7 @@ def train_loop_per_worker(spec: dict) -> None:
     from reasonlab.tracking import RunLogger, snapshot_path
 
     transformers.utils.logging.disable_progress_bar()
+    quiet_ray_loggers()
     cfg = config_from_dict(spec["config"], job=spec["job"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -80,6 +81,7 @@ def train_loop_per_worker(spec: dict) -> None:
     snapshots = set(cfg.train.snapshots())
     first_step = step
     capacity = None  # the last evaluation's capacity measurement, for capacity tasks
+    last_loss: dict = {}  # the last logged training loss
     while step < cfg.train.max_steps:
         micro = [next(batches) for _ in range(cfg.train.grad_accum)]
         if step == first_step:
@@ -105,6 +107,7 @@ def train_loop_per_worker(spec: dict) -> None:
             metrics = {"train/loss": loss_sum.item() / loss_count, "train/lr": loop.lr,
                        "train/tokens_per_sec": tokens / elapsed, **schedule,
                        **{k: float(v) / loss_count for k, v in extra_sums.items()}}
+            last_loss = {"train/loss": metrics["train/loss"]}  # reported with the next evaluation, for schedulers
             if rank == 0:
                 logger.log_metrics(metrics, step)
                 rate = (step - first_step) / (time.perf_counter() - started)
@@ -143,7 +146,8 @@ def train_loop_per_worker(spec: dict) -> None:
                 if rank == 0 and checkpointing:
                     torch.save(loop.state_dict(), Path(d) / CHECKPOINT_FILE)
                     ckpt = ray.train.Checkpoint.from_directory(d)
-                ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=checkpoint_dir_name(step))
+                ray.train.report({**last_loss, **metrics}, checkpoint=ckpt,
+                                 checkpoint_dir_name=checkpoint_dir_name(step))
             window_start = time.perf_counter()  # evaluation time is not training throughput
 
     if rank == 0:
@@ -417,6 +421,18 @@ def quiet_data_context() -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.execution_options.preserve_order = True
+    quiet_ray_loggers()
+
+
+def quiet_ray_loggers() -> None:
+    """Ray Train and Ray Data's INFO lines in this process (a checkpoint created, a result reported, a dataset's
+    execution started and finished) hidden; their warnings stay."""
+    import logging
+
+    import ray.train.v2._internal.execution.context as train_context
+
+    for name in ("ray.train", "ray.data", train_context.__file__):  # that module names its logger by its path
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def run_training(cfg: Config, parent_run_id: str | None = None, callbacks: list | None = None,
@@ -432,23 +448,22 @@ def run_training(cfg: Config, parent_run_id: str | None = None, callbacks: list 
 
     from reasonlab.cluster import check_cluster_resources
     from reasonlab.data import train_dataset
+    from reasonlab.stopping import connect
     from reasonlab.tracking import DriverRun, storage_path
 
     cfg = config_from_dict(spec["config"], job=cfg.job)  # with the derived sizes, so they are logged
     # Train V2 sends worker prints both to stdout and to its logger, so each line showed twice
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level="WARNING",
-                 log_to_driver=True, configure_logging=True)
+    connect()
     resources = worker_resources(cfg, ray.available_resources().get("CPU", 1.0))
     # workers no node can hold would be waited for forever: refused here, before a run exists (ConfigError)
     check_cluster_resources([(resources, cfg.scaling.num_workers)])
     run = DriverRun(cfg, run_name, parent_run_id=parent_run_id)
     storage = storage_path(cfg)
-    print(f"{'resuming' if run.resumed else 'starting'} run {run_name} (MLflow run {run.run_id}); "
-          f"restart with tracking.run_name={run_name} to resume it", file=out, flush=True)
     status = "FAILED"
     try:  # from here on, however the driver stops, the run is closed (a stop while logging the data included)
+        print(f"{'resuming' if run.resumed else 'starting'} run {run_name} (MLflow run {run.run_id}); "
+              f"restart with tracking.run_name={run_name} to resume it", file=out, flush=True)
         if not run.resumed:
             with tempfile.TemporaryDirectory() as d:
                 tokenizer_from_files(spec["tokenizer"]).save_pretrained(d)

@@ -107,7 +107,9 @@ def _no_labels():
 def plot_steps_vs_phi(rows: list[dict], path: str) -> None:
     """Steps to fit the training set and to reach 50% and 95% on held-out ID inferred facts against φ, one
     series per weight decay (and gradient filter); a trial that never reached 95% is an open marker at its last
-    step."""
+    step. Trials repeated over seeds are drawn as their mean with a 95% interval."""
+    from reasonlab.analysis.intervals import grouped
+
     plt = _pyplot()
     fig, (ax, best) = plt.subplots(1, 2, figsize=(11, 4.4))
     series: dict[str, list[dict]] = {}
@@ -117,22 +119,22 @@ def plot_steps_vs_phi(rows: list[dict], path: str) -> None:
     for i, (name, group) in enumerate(sorted(series.items())):
         group = sorted(group, key=lambda r: r["phi"])
         color = f"C{i}"
-        fit = [(r["phi"], r["steps_to_fit"]) for r in group if r["steps_to_fit"]]
-        if fit:
-            ax.plot(*zip(*fit), "--", color=color, marker="s", alpha=0.5, label=f"fit the training set ({name})")
-        half = [(r["phi"], r["steps_to_id50"]) for r in group if r["steps_to_id50"]]
-        if half:
-            ax.plot(*zip(*half), ":", color=color, marker="^", label=f"50% held-out ID ({name})")
-        grok = [(r["phi"], r["steps_to_id95"]) for r in group if r["steps_to_id95"]]
-        if grok:
-            ax.plot(*zip(*grok), "-", color=color, marker="o", label=f"95% held-out ID ({name})")
+        # repeated seeds at one φ: their mean, with a bar over its 95% interval
+        for column, style, marker, what in (("steps_to_fit", "--", "s", "fit the training set"),
+                                            ("steps_to_id50", ":", "^", "50% held-out ID"),
+                                            ("steps_to_id95", "-", "o", "95% held-out ID")):
+            points = grouped([(r["phi"], r[column]) for r in group if r[column]])
+            if points:
+                x, y, err = zip(*points)
+                ax.errorbar(x, y, yerr=err, fmt=style, color=color, marker=marker, capsize=3,
+                            alpha=0.5 if column == "steps_to_fit" else 1.0, label=f"{what} ({name})")
         missed = [(r["phi"], r["steps"]) for r in group if not r["steps_to_id95"]]
         if missed:
             ax.scatter(*zip(*missed), facecolors="none", edgecolors=color, marker="o", s=60,
                        label=f"95% held-out ID not reached by the last step ({name})")
-        phis = [r["phi"] for r in group]
-        best.plot(phis, [100 * r["best_id"] for r in group], "-o", color=color, label=f"held-out ID ({name})")
-        best.plot(phis, [100 * r["best_ood"] for r in group], "--x", color=color, label=f"held-out OOD ({name})")
+        for column, style, what in (("best_id", "-o", "held-out ID"), ("best_ood", "--x", "held-out OOD")):
+            x, y, err = zip(*grouped([(r["phi"], 100 * r[column]) for r in group]))
+            best.errorbar(x, y, yerr=err, fmt=style, color=color, capsize=3, label=f"{what} ({name})")
     ax.set_yscale("log")
     ax.set_ylabel("optimization steps")
     ax.legend(fontsize=7)

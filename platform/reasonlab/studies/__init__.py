@@ -24,7 +24,7 @@ class Study:
     client: Any  # MlflowClient of the study's store
     parent_run_id: str
     configs: list = field(default_factory=list)  # the trials' (or compared jobs') configs
-    grid: dict = field(default_factory=dict)  # the sweep's varied keys
+    grid: list = field(default_factory=list)  # the keys that differ between the trials (grid, sampled, seed)
     eval_only: bool = False
     baselines: dict[str, str] = field(default_factory=dict)  # run id → label, drawn beside the trials
     comparison: Any = None  # compare.Comparison, for a method comparison

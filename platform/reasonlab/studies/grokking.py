@@ -12,7 +12,7 @@ CURVES_PNG = "grokking_curves.png"
 PHI_PNG = "steps_to_grok_vs_phi.png"
 
 
-def grokking_trials(client, parent_run_id: str, grid: dict) -> tuple[list[dict], list[tuple[str, dict]]]:
+def grokking_trials(client, parent_run_id: str, grid: list) -> tuple[list[dict], list[tuple[str, dict]]]:
     """(table rows, (label, curves) per trial) of a sweep's trials, in the order of their grid values."""
     from reasonlab.analysis.grokking import SETS, grokking_row
     from reasonlab.tracking import child_runs

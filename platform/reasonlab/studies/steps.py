@@ -18,7 +18,7 @@ def _effective_steps(params: dict) -> int | None:
     return None
 
 
-def steps_rows(client, parent_run_id: str, grid: dict, baselines: dict[str, str]) -> tuple[list[dict], list[dict]]:
+def steps_rows(client, parent_run_id: str, grid: list, baselines: dict[str, str]) -> tuple[list[dict], list[dict]]:
     """(one row per finished trial of an eval-only sweep, one per baseline run), for steps.csv."""
     from reasonlab.analysis.steps import STEP_KEYS
     from reasonlab.tracking import child_runs
@@ -49,7 +49,7 @@ def steps_rows(client, parent_run_id: str, grid: dict, baselines: dict[str, str]
     return rows, base
 
 
-def steps_analysis(client, parent_run_id: str, grid: dict, baselines: dict[str, str]) -> str:
+def steps_analysis(client, parent_run_id: str, grid: list, baselines: dict[str, str]) -> str:
     """steps.csv and steps_vs_accuracy.png on an eval-only sweep's parent run, when the grid varies T;
     returns what to print."""
     from reasonlab.analysis.steps import STEP_KEYS, plot_steps

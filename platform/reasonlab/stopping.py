@@ -1,0 +1,59 @@
+"""How a driver stops when it is told to: SIGTERM (`kill`, `timeout`, `ray job stop`) is handled as Ctrl-C.
+
+Ray's `ray.init` installs a SIGTERM handler that raises SystemExit wherever the driver is, and Train and Tune
+have their own Ctrl-C handling (Train aborts its workers, then exits; Tune stops its trials and saves the
+experiment so `Tuner.restore` can resume it). So on SIGTERM the driver first closes what it has open as KILLED
+(`ray job stop` sends SIGKILL 3 s later: RAY_JOB_STOP_WAIT_TIME_S), then raises SIGINT, and the stop takes the
+same path as Ctrl-C, whichever of those handlers is installed at that moment. `handle_sigterm` is called when
+the CLI starts and again after `ray.init` (`connect`), which replaces it.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from typing import Callable
+
+_on_stop: dict[int, Callable[[], None]] = {}  # what to close first on SIGTERM, by handle
+received: list[int] = []  # the stop signals received, for the CLI's last line
+
+
+def on_stop(close: Callable[[], None]) -> int:
+    """Call `close` first if SIGTERM comes (e.g. a run's end as KILLED); returns a handle for `done`."""
+    handle = id(close)
+    _on_stop[handle] = close
+    return handle
+
+
+def done(handle: int) -> None:
+    _on_stop.pop(handle, None)
+
+
+def _sigterm(signum, frame) -> None:
+    received.append(signum)
+    for close in list(_on_stop.values()):
+        try:
+            close()
+        except Exception:  # a store that cannot be reached must not stop the stop
+            pass
+    _on_stop.clear()
+    signal.raise_signal(signal.SIGINT)
+
+
+def handle_sigterm() -> None:
+    """SIGTERM handled as described above (only the main thread may install handlers)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _sigterm)
+
+
+def connect() -> None:
+    """Connect this driver to Ray (RAY_ADDRESS, or a local instance) unless it is connected, with Ray's own
+    logging quiet below warnings, and keep SIGTERM handled as Ctrl-C."""
+    import ray
+
+    if not ray.is_initialized():
+        # the job's workers and actors log at WARNING too: their INFO lines (checkpoint created, result reported,
+        # worker group started, dataset execution) came between our step lines
+        ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level="WARNING", log_to_driver=True,
+                 configure_logging=True, logging_config=ray.LoggingConfig(log_level="WARNING"))
+    handle_sigterm()

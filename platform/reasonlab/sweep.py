@@ -318,16 +318,18 @@ def _close_children(parent) -> None:
 
 def summarize(parent, sweep: Sweep, sweep_name: str) -> str:
     """trials.csv: one row per trial with its grid values, parameter count, status and final metrics."""
+    from reasonlab.tracking import PARAM_COUNT, logged_param_count
+
     runs = {r.info.run_name: r for r in _children(parent)}
     metrics = sorted({k for r in runs.values() for k in r.data.metrics})
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(["trial", *sweep.grid, "n_params", "status", *metrics, "run_id"])
+    writer.writerow(["trial", *sweep.grid, PARAM_COUNT, "status", *metrics, "run_id"])
     for index, combo in enumerate(itertools.product(*sweep.grid.values())):
         run = runs.get(f"{sweep_name}-t{index}")
         if run is None:
             writer.writerow([index, *combo, "", "NOT STARTED", *[""] * len(metrics), ""])
             continue
-        writer.writerow([index, *combo, run.data.params.get("n_params", ""), run.info.status,
+        writer.writerow([index, *combo, logged_param_count(run.data.params) or "", run.info.status,
                          *[run.data.metrics.get(m, "") for m in metrics], run.info.run_id])
     return out.getvalue()

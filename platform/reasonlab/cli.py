@@ -5,7 +5,7 @@ import argparse
 import os
 import sys
 
-from reasonlab.config import ConfigError
+from reasonlab.errors import ConfigError  # not reasonlab.config, which imports torch: `reasonlab ui` needs none
 
 EXIT_BAD_INPUT = 2
 

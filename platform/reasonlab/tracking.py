@@ -14,12 +14,16 @@ import os
 import sqlite3
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 
-from reasonlab.config import Config, ConfigError
+from reasonlab.errors import ConfigError
 from reasonlab.runref import RunRef
+
+if TYPE_CHECKING:  # not imported: `reasonlab ui` reads this module and should not pay for torch
+    from reasonlab.config import Config
 
 RUN_NAME_TAG = "reasonlab.run_name"
 FINAL_RUN_TAG = "reasonlab.final_run"  # on a staged job's parent run: the run of its last stage

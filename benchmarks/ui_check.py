@@ -127,6 +127,22 @@ class Page:
         path.write_bytes(base64.b64decode((await self.send("Page.captureScreenshot", format="png"))["data"]))
 
 
+def flavors(artifact_uri: str) -> list[str]:
+    """The flavours in a local logged model's MLmodel file (its `flavors:` keys)."""
+    mlmodel = Path(artifact_uri.removeprefix("file://")) / "MLmodel"
+    if not mlmodel.is_file():
+        return []
+    lines = mlmodel.read_text().splitlines()
+    start = lines.index("flavors:") + 1 if "flavors:" in lines else len(lines)
+    out = []
+    for line in lines[start:]:
+        if not line.startswith(" "):
+            break
+        if line.startswith("  ") and not line.startswith("   ") and line.rstrip().endswith(":"):
+            out.append(line.strip()[:-1])
+    return out
+
+
 TEXT = "document.body ? document.body.innerText : ''"
 HEADERS = ("[...document.querySelectorAll('.ag-header-cell-text, .ag-header-group-text, [role=columnheader]')]"
            ".map(e => e.textContent.trim()).filter((t, i, all) => t && all.indexOf(t) === i)")
@@ -190,9 +206,7 @@ async def browse(chromium: str, base: str, experiment_url: str, experiment_id: s
                                      json={"experiment_ids": [experiment_id]}) as r:
                     models = (await r.json()).get("models", [])
                 seen["logged_models"] = [{"name": lm["info"]["name"], "model_id": lm["info"]["model_id"],
-                                          "flavor": lm["info"].get("tags", [{}]) and [
-                                              t["value"] for t in lm["info"].get("tags", [])
-                                              if t["key"] == "mlflow.modelVersion.flavor"],
+                                          "flavors": flavors(lm["info"].get("artifact_uri", "")),
                                           "source_run_id": lm["info"].get("source_run_id")} for lm in models]
                 if models:
                     model_id = models[0]["info"]["model_id"]
@@ -204,6 +218,12 @@ async def browse(chromium: str, base: str, experiment_url: str, experiment_id: s
                     seen["model_page"] = {"landed_on": await page.eval("location.hash"),
                                           "register_button": "Register model" in text, "text": text[:400]}
                     await page.screenshot(out / "2b_model_page.png")
+                    clicked = await page.eval("(() => { const b = [...document.querySelectorAll('button')].find("
+                                              "e => e.textContent.trim() === 'Register model'); "
+                                              "if (b) b.click(); return !!b; })()")
+                    dialog = await page.wait_for(f"({DIALOGS}).join(' | ')", 20) if clicked else None
+                    seen["model_page"]["register_dialog"] = (dialog or "")[:200]
+                    await page.screenshot(out / "2c_register_dialog.png")
 
                 # 3. the same tab opened without our address: MLflow's own default (GenAI) workflow
                 await page.goto("about:blank")

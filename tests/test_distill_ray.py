@@ -153,5 +153,5 @@ def test_a_comparison_evaluates_every_method_on_one_test_set(kd_pipeline, reason
             assert float(r[f"accuracy_bs{b}"]) == evaluation.data.metrics["test/accuracy"]
             assert float(r[f"examples_per_sec_bs{b}"]) == evaluation.data.metrics["test/examples_per_sec"]
             assert evaluation.data.metrics["test/tokens_per_example"] > 0
-        assert int(r["n_params"]) == int(trained.data.params["n_params"])
+        assert int(r["n_params"]) == int(trained.data.params["param_count"])
     assert "pareto" in rows[0] and any(r["pareto"] == "True" for r in rows)

@@ -99,14 +99,14 @@ def test_a_two_size_capacity_sweep_leaves_a_parent_run_with_the_capacity_table_a
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
     assert len(children) == 2 and {c.info.status for c in children} == {"FINISHED"}
-    sizes = {c.data.params["model.n_params"]: int(c.data.params["n_params"]) for c in children}
+    sizes = {c.data.params["model.n_params"]: int(c.data.params["param_count"]) for c in children}
     assert sizes["12000"] < sizes["30000"]
     assert all("test/onehop/accuracy" in c.data.metrics and "capacity/1hop_capacity_optimal" in c.data.metrics
                for c in children)
     local = client.download_artifacts(parent_id, "trials.csv", str(tmp_path))
     rows = list(csv.DictReader(io.StringIO(open(local).read())))
     assert [r["model.n_params"] for r in rows] == ["12000", "30000"]
-    assert [int(r["n_params"]) for r in rows] == [sizes["12000"], sizes["30000"]]
+    assert [int(r["param_count"]) for r in rows] == [sizes["12000"], sizes["30000"]]
     assert {r["status"] for r in rows} == {"FINISHED"}
     artifacts = {a.path for a in client.list_artifacts(parent_id)}
     assert {"capacity.csv", "capacity_vs_params.png", "data"} <= artifacts

@@ -79,7 +79,8 @@ def test_training_run_is_tracked_end_to_end(ray_head, reasonlab_home, workers, t
 
     params = run.data.params
     assert params["task.name"] == "multiplication" and params["train.max_steps"] == "20"
-    assert params["scaling.num_workers"] == str(workers) and int(params["n_params"]) > 0
+    assert params["scaling.num_workers"] == str(workers)
+    assert int(params["param_count"]) >= int(params["param_count_used"]) > 0 and params["model.n_params"] == "None"
     client = _client(reasonlab_home, uri)
     steps = {k: [m.step for m in client.get_metric_history(run.info.run_id, k)]
              for k in ("train/loss", "train/lr", "train/tokens_per_sec", "eval/accuracy", "eval/examples_per_sec")}
@@ -101,6 +102,13 @@ def test_training_run_is_tracked_end_to_end(ray_head, reasonlab_home, workers, t
     model = AutoModelForCausalLM.from_pretrained(local / "model")
     tokenizer = AutoTokenizer.from_pretrained(local / "tokenizer")
     assert model.config.n_layer == 1 and model.config.vocab_size == len(tokenizer)
+    # the final model is also an MLflow logged model of the run (transformers flavour), from the worker
+    [output] = run.outputs.model_outputs
+    logged = client.get_logged_model(output.model_id)
+    assert logged.source_run_id == run.info.run_id and str(logged.status) == "READY"
+    from mlflow.artifacts import download_artifacts
+    mlmodel = download_artifacts(artifact_uri=f"{logged.artifact_location}/MLmodel", dst_path=str(tmp_path / "lm"))
+    assert "transformers" in yaml.safe_load(Path(mlmodel).read_text())["flavors"]
 
 
 def test_killed_run_resumes_from_its_last_checkpoint(ray_head, reasonlab_home):

@@ -5,7 +5,7 @@ import argparse
 import os
 import sys
 
-from reasonlab.config import ConfigError
+from reasonlab.errors import ConfigError  # not reasonlab.config, which imports torch: `reasonlab ui` needs none
 
 EXIT_BAD_INPUT = 2
 
@@ -89,18 +89,26 @@ def cmd_probe(args) -> int:
 
 
 def cmd_ui(args) -> int:
-    from reasonlab.tracking import local_artifact_root, tracking_uri
+    from reasonlab.tracking import local_artifact_root, tracking_uri, ui_experiments
 
     uri = tracking_uri()
     if uri.startswith(("http://", "https://", "databricks")):
         print(f"runs are on the MLflow server {uri}: open it in a browser")
         return 0
-    command = [sys.executable, "-m", "mlflow", "ui", "--host", "127.0.0.1", "--port", str(args.port),
-               "--backend-store-uri", uri]
+    if not 0 < args.port < 65536:
+        print(f"reasonlab ui: --port {args.port}: expected a port number from 1 to 65535", file=sys.stderr)
+        return 2
+    # One server process, no job consumers (they run GenAI jobs: trace scorers, issue detection) and no access
+    # log: MLflow's defaults (4 workers, 7 consumers) took 30-75 s and 2-3 GB on a 2-core machine before answering
+    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(args.port),
+               "--workers", "1", "--uvicorn-opts=--no-access-log", "--backend-store-uri", uri]
     if local_artifact_root(uri):
         command += ["--default-artifact-root", local_artifact_root(uri)]
-    print(f"MLflow UI for {uri} at http://127.0.0.1:{args.port}  (Ctrl-C stops it)", flush=True)
-    os.execv(command[0], command)
+    base = f"http://127.0.0.1:{args.port}"
+    print(f"MLflow UI for {uri} at {base}  (Ctrl-C stops it)", flush=True)
+    for name, address in ui_experiments(uri):
+        print(f"  experiment {name}: {base}/{address}", flush=True)
+    os.execve(command[0], command, dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"))
 
 
 def parser() -> argparse.ArgumentParser:

@@ -31,7 +31,7 @@ def evaluate_trained(cfg: Config, trained_run_id: str, run_name: str, parent_run
     import transformers
     from mlflow.entities import Metric
 
-    from reasonlab.tracking import DriverRun
+    from reasonlab.tracking import PARAM_COUNT, DriverRun
     from reasonlab.train import eval_options, run_lengths
 
     transformers.utils.logging.disable_progress_bar()
@@ -51,7 +51,7 @@ def evaluate_trained(cfg: Config, trained_run_id: str, run_name: str, parent_run
             seq_len, max_new_tokens, max_len = run_lengths(cfg, task, method, tokenizer)
             model_cfg = dataclasses.replace(cfg.model, pretrained=path, n_params=None)
             model = method.build_model(model_cfg, tokenizer, max_len, device)
-        run.log_params({"n_params": count_parameters(model)})
+        run.log_params({PARAM_COUNT: count_parameters(model)})
         spec = {"max_new_tokens": max_new_tokens, "seq_len": seq_len}
         metrics, predictions = {}, []
         count = cfg.eval.num_examples if split == "valid" else cfg.eval.test_examples

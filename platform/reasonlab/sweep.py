@@ -569,20 +569,22 @@ def _close_children(parent) -> None:
 def summarize(parent, sweep: Sweep, sweep_name: str) -> str:
     """trials.csv: one row per trial with the values that vary, parameter count, status, the step a scheduler
     stopped it at, and its final metrics."""
+    from reasonlab.tracking import PARAM_COUNT, logged_param_count
+
     prefix = f"{sweep_name}-t"
     runs = {int(r.info.run_name[len(prefix):]): r for r in _children(parent)
             if r.info.run_name.startswith(prefix) and r.info.run_name[len(prefix):].isdigit()}
     metrics = sorted({k for r in runs.values() for k in r.data.metrics})
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(["trial", *sweep.varied, "n_params", "status", "stopped_at", *metrics, "run_id"])
+    writer.writerow(["trial", *sweep.varied, PARAM_COUNT, "status", "stopped_at", *metrics, "run_id"])
     for index in range(max(sweep.num_trials, max(runs, default=-1) + 1)):
         run = runs.get(index)
         if run is None:
             writer.writerow([index, *[""] * len(sweep.varied), "", "NOT STARTED", "", *[""] * len(metrics), ""])
             continue
         writer.writerow([index, *[run.data.params.get(k, "") for k in sweep.varied],
-                         run.data.params.get("n_params", ""), run.info.status,
+                         logged_param_count(run.data.params) or "", run.info.status,
                          run.data.tags.get(STOPPED_EARLY_TAG, ""),
                          *[run.data.metrics.get(m, "") for m in metrics], run.info.run_id])
     return out.getvalue()

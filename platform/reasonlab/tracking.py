@@ -8,20 +8,38 @@ tracking URI, so it travels with the run id.
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import os
+import sqlite3
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 
 from reasonlab import stopping
-from reasonlab.config import Config, ConfigError
+from reasonlab.errors import ConfigError
 from reasonlab.runref import RunRef
+
+if TYPE_CHECKING:  # not imported: `reasonlab ui` reads this module and should not pay for torch
+    from reasonlab.config import Config
 
 RUN_NAME_TAG = "reasonlab.run_name"
 FINAL_RUN_TAG = "reasonlab.final_run"  # on a staged job's parent run: the run of its last stage
 MAX_PARAM_LENGTH = 6000
+# the parameters a run's model has, counted when it is built (`model.n_params` is the size a job asks for, or None)
+PARAM_COUNT = "param_count"
+PARAM_COUNT_USED = "param_count_used"  # without the embedding rows of tokens the task never uses
+# MLflow 3's marker of what an experiment holds (its UI's "Model training" rather than "GenAI")
+EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
+# a saved view of the runs table that MLflow's UI opens with ?viewStateShareKey=reasonlab: its columns
+RUNS_VIEW = "reasonlab"
+RUNS_VIEW_TAG = f"mlflow.sharedViewState.{RUNS_VIEW}"
+RUNS_VIEW_COLUMNS = ["attributes.`Models`", "params.`method.name`", "params.`model.arch`", "params.`model.n_layer`",
+                     "params.`model.d_model`", f"params.`{PARAM_COUNT}`", "metrics.`test/accuracy`",
+                     "metrics.`eval/accuracy`", "metrics.`train/loss`", "metrics.`train/tokens_per_sec`"]
 
 
 def home() -> Path:
@@ -50,9 +68,61 @@ def local_artifact_root(uri: str) -> str | None:
 
 def _experiment_id(client: MlflowClient, name: str, uri: str) -> str:
     experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    return client.create_experiment(name, artifact_location=local_artifact_root(uri))
+    if experiment is None:
+        experiment_id = client.create_experiment(name, artifact_location=local_artifact_root(uri))
+        mark_model_training(client, experiment_id, {})
+        return experiment_id
+    mark_model_training(client, experiment.experiment_id, experiment.tags)
+    return experiment.experiment_id
+
+
+def mark_model_training(client: MlflowClient, experiment_id: str, tags: dict) -> None:
+    """Tag an experiment (unless `tags`, its tags, already say so) as MLflow's UI needs to show it as model
+    training: the experiment kind, and the runs-table view `ui_address` opens (metric and size columns)."""
+    wanted = {EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND,
+              RUNS_VIEW_TAG: json.dumps({"selectedColumns": RUNS_VIEW_COLUMNS})}
+    for key, value in wanted.items():
+        if tags.get(key) != value:
+            client.set_experiment_tag(experiment_id, key, value)
+
+
+def ui_address(experiment_id: str, run_id: str | None = None) -> str:
+    """The UI's address (after http://host:port/) of an experiment's runs table, or of one run, in MLflow 3's
+    "Model training" workflow. MLflow 3.17's UI picks the workflow from the address or the browser's last
+    choice, not from the experiment's kind tag, so the address names it."""
+    if run_id:
+        return f"#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+    return f"#/experiments/{experiment_id}/runs?viewStateShareKey={RUNS_VIEW}&workflowType=machine_learning"
+
+
+def ui_experiments(uri: str) -> list[tuple[str, str]]:
+    """(name, UI address) of each experiment holding reasonlab runs in the local store `uri` (a SQLite file),
+    read straight from the file: `reasonlab ui` asks before the server starts, and an MlflowClient would cost
+    seconds of CPU there. An experiment whose runs all predate the runs-table view opens without it. None if
+    the store does not exist yet or cannot be read."""
+    path = Path(uri.removeprefix("sqlite:///"))
+    if not uri.startswith("sqlite:///") or not path.is_file():
+        return []
+    has_tag = "SELECT 1 FROM experiment_tags t WHERE t.experiment_id = e.experiment_id AND t.key = ?"
+    query = (f"SELECT e.experiment_id, e.name, EXISTS({has_tag}) FROM experiments e "
+             f"WHERE e.lifecycle_stage = 'active' AND (EXISTS({has_tag} AND t.value = ?) OR EXISTS("
+             "SELECT 1 FROM runs r JOIN tags g ON g.run_uuid = r.run_uuid WHERE r.experiment_id = e.experiment_id "
+             "AND g.key = ?)) ORDER BY e.experiment_id")
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as db:
+            rows = db.execute(query, (RUNS_VIEW_TAG, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND, RUN_NAME_TAG)).fetchall()
+    except sqlite3.Error:
+        return []
+    return [(name, ui_address(str(experiment_id)) if has_view else
+             f"#/experiments/{experiment_id}/runs?workflowType=machine_learning")
+            for experiment_id, name, has_view in rows]
+
+
+def logged_param_count(params: dict, used: bool = False) -> int | None:
+    """A run's counted parameters (PARAM_COUNT, or PARAM_COUNT_USED); runs logged before these names had
+    n_params and n_params_used."""
+    value = params.get(PARAM_COUNT_USED if used else PARAM_COUNT, params.get("n_params_used" if used else "n_params"))
+    return None if value is None else int(value)
 
 
 def child_runs(client: MlflowClient, experiment_id: str, parent_run_id: str) -> list:
@@ -216,7 +286,7 @@ class DriverRun:
 
     @property
     def ui_url(self) -> str:
-        return f"#/experiments/{self.experiment_id}/runs/{self.run_id}"
+        return ui_address(self.experiment_id, self.run_id)
 
 
 class RunLogger:
@@ -238,6 +308,49 @@ class RunLogger:
 
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_logged_model(self, model, tokenizer, folder: str, step: int) -> str:
+        """The run's final model as an MLflow logged model (the experiment's Models tab; registrable), besides
+        the run's own `model/` folder: in the transformers flavour (weights in its `model/` folder, loadable with
+        `from_pretrained`; the tokenizer in `components/tokenizer`) when transformers knows the model as a causal
+        LM, else `folder` (the model as its method saved it) as it is. The run's metrics at `step` are the
+        model's. Returns the model's id."""
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        run = self.client.get_run(self.run_id)
+        if type(model).__name__ not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+            from mlflow.entities import LoggedModelOutput
+
+            logged = self.client.create_logged_model(run.info.experiment_id, "model", self.run_id,
+                                                     params=run.data.params)
+            self.client.log_model_artifacts(logged.model_id, folder)
+            self.client.finalize_logged_model(logged.model_id, "READY")
+            self.client.log_outputs(self.run_id, [LoggedModelOutput(logged.model_id, step)])
+            return logged.model_id
+        import mlflow.transformers
+        import torch
+        import transformers
+
+        # mlflow's log_model reads the store and the experiment from the environment (there is no active run
+        # in a worker); say them for this call only
+        saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID")}
+        os.environ.update(MLFLOW_TRACKING_URI=self.client.tracking_uri, MLFLOW_EXPERIMENT_ID=run.info.experiment_id)
+        flavor_log = logging.getLogger("mlflow.transformers")
+        level = flavor_log.level
+        flavor_log.setLevel(logging.ERROR)  # its warnings that a local model has no hub model card or licence
+        try:
+            info = mlflow.transformers.log_model(
+                {"model": model, "tokenizer": tokenizer}, name="model", task="text-generation", run_id=self.run_id,
+                step=step, pip_requirements=[f"transformers=={transformers.__version__}",  # no inference: it
+                                             f"torch=={torch.__version__.split('+')[0]}"])  # loads the model again
+        finally:
+            flavor_log.setLevel(level)
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        return info.model_id
 
     def metric_history(self) -> dict[str, list[tuple[int, float]]]:
         """Every metric of the run as (step, value) pairs, from the store: a resumed run's whole course."""

@@ -36,7 +36,7 @@ def train_loop_per_worker(spec: dict) -> None:
     import ray.train.torch
     import transformers
 
-    from reasonlab.tracking import RunLogger, snapshot_path
+    from reasonlab.tracking import PARAM_COUNT, PARAM_COUNT_USED, RunLogger, snapshot_path
 
     transformers.utils.logging.disable_progress_bar()
     quiet_ray_loggers()
@@ -62,13 +62,11 @@ def train_loop_per_worker(spec: dict) -> None:
 
     logger = RunLogger(spec["tracking_uri"], spec["run_id"]) if rank == 0 else None
     say = print if rank == 0 else (lambda *a, **k: None)
-    sizes = {"n_params": count_parameters(model),
-             "n_params_used": count_used_parameters(model, [*spec["used_token_ids"],
-                                                            *method.extra_state_ids(tokenizer, model)])}
+    sizes = size_params(model, [*spec["used_token_ids"], *method.extra_state_ids(tokenizer, model)])
     if rank == 0 and not step:
         logger.log_params(sizes)
         say(f"model: {method.model_kind or cfg.model.arch}, {cfg.model.n_layer} layers, d_model {cfg.model.d_model}, "
-            f"{sizes['n_params'] / 1e6:.3f}M parameters ({sizes['n_params_used'] / 1e6:.3f}M without "
+            f"{sizes[PARAM_COUNT] / 1e6:.3f}M parameters ({sizes[PARAM_COUNT_USED] / 1e6:.3f}M without "
             f"unused embedding rows), sequence length {spec['seq_len']}")
     eval_sets = {k: v[: cfg.eval.num_examples] for k, v in task.eval_sets("valid").items()}
 
@@ -155,13 +153,24 @@ def train_loop_per_worker(spec: dict) -> None:
         finish_run(model, tokenizer, method, task, cfg, spec, device, logger, sizes, capacity)
 
 
-def log_model(model, tokenizer, method, logger, artifact_path: str) -> None:
+def size_params(model, used_token_ids) -> dict[str, int]:
+    """The model's parameter counts as a run logs them: all of them, and those without the embedding rows of
+    tokens outside `used_token_ids` (named apart from `model.n_params`, the size a job may ask for)."""
+    from reasonlab.tracking import PARAM_COUNT, PARAM_COUNT_USED
+
+    return {PARAM_COUNT: count_parameters(model), PARAM_COUNT_USED: count_used_parameters(model, used_token_ids)}
+
+
+def log_model(model, tokenizer, method, logger, artifact_path: str, logged_model_step: int | None = None) -> None:
     """The model as its method saves it, with the tokenizer, under `artifact_path` (`model`, or a snapshot's
-    snapshots/step_XXXXXXXX)."""
+    snapshots/step_XXXXXXXX), the folder every reader of a run loads with `from_pretrained`. With
+    `logged_model_step` (the final model) also an MLflow logged model, which the UI lists and can register."""
     with tempfile.TemporaryDirectory() as d:
         method.save(model, d)
         tokenizer.save_pretrained(d)
         logger.log_artifacts(d, artifact_path)
+        if logged_model_step is not None:
+            logger.log_logged_model(model, tokenizer, d, logged_model_step)
 
 
 def load_inputs(spec: dict, directory: str, device) -> dict:
@@ -193,7 +202,7 @@ def finish_run(model, tokenizer, method, task, cfg: Config, spec: dict, device, 
         print(f"{prefix}: accuracy {result.accuracy:.4f} on {result.num_examples} held-out examples, "
               f"{result.examples_per_sec:.1f} examples/s (batch size {cfg.eval.batch_size})", flush=True)
         predictions += [{"set": prefix, **p} for p in result.predictions[: cfg.eval.log_predictions]]
-    log_model(model, tokenizer, method, logger, "model")
+    log_model(model, tokenizer, method, logger, "model", logged_model_step=cfg.train.max_steps)
     logger.log_text("".join(json.dumps(p) + "\n" for p in predictions), "predictions.jsonl")
     with tempfile.TemporaryDirectory() as d:
         method.finish(logger.metric_history, d)  # e.g. internalization.png; the store is read only if used
@@ -228,10 +237,11 @@ def eval_options(cfg: Config, spec: dict) -> dict:
 def measure_capacity(model, tokenizer, method, task, cfg: Config, sizes: dict, device) -> tuple[dict, dict, list]:
     """Answer losses of the capacity questions → (metrics, loss table, capacity rows)."""
     from reasonlab.analysis.capacity import capacity_rows, measure_answer_losses
+    from reasonlab.tracking import PARAM_COUNT, PARAM_COUNT_USED
 
     table = measure_answer_losses(model, tokenizer, method, task, batch_size=max(cfg.eval.batch_size, 256),
                                   device=device, precision=cfg.train.precision)
-    rows = capacity_rows(table, task.statistics(), sizes["n_params"], sizes["n_params_used"])
+    rows = capacity_rows(table, task.statistics(), sizes[PARAM_COUNT], sizes[PARAM_COUNT_USED])
     metrics = {}
     for row in rows:
         h = row["hops"]

@@ -21,6 +21,7 @@ def _capacity_rows(client, run) -> list[dict]:
 
     from reasonlab.analysis.capacity import capacity_rows
     from reasonlab.tasks.profiles import PROFILES_FILE
+    from reasonlab.tracking import logged_param_count
 
     run_id = run.info.run_id
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -28,7 +29,8 @@ def _capacity_rows(client, run) -> list[dict]:
         losses = pq.read_table(client.download_artifacts(run_id, LOSSES_FILE, d)).to_pydict()
         schema = pq.read_schema(client.download_artifacts(run_id, f"data/{PROFILES_FILE}", d))
     stats = json.loads(schema.metadata[b"reasonlab.statistics"])
-    rows = capacity_rows(losses, stats, int(run.data.params["n_params"]), int(run.data.params["n_params_used"]))
+    rows = capacity_rows(losses, stats, logged_param_count(run.data.params),
+                         logged_param_count(run.data.params, used=True))
     for row in rows:
         row.update(run_name=run.info.run_name, run_id=run_id, status=run.info.status)
     return rows

@@ -28,13 +28,14 @@ def comparison_rows(client, comparison, trained: dict, evaluations: dict) -> lis
     """One row per method: what it cost to train (all stages of a staged job) and how it answers
     (`evaluations[label, batch_size]`: the metrics of that evaluation run)."""
     from reasonlab.analysis.comparison import pareto_front
+    from reasonlab.tracking import logged_param_count
 
     rows = []
     for e in comparison.entries:
         final = client.get_run(trained[e.label])
         runs = _training_runs(client, trained[e.label])
         row = {"method": e.label, "method_name": final.data.params.get("method.name"),
-               "n_params": int(final.data.params.get("n_params", 0)),
+               "n_params": logged_param_count(final.data.params) or 0,
                "train_steps": sum(int(r.data.params.get("train.max_steps", 0)) for r in runs),
                "train_time_s": sum(((r.info.end_time or r.info.start_time) - r.info.start_time) / 1000 for r in runs),
                "test_examples": comparison.test_examples}

@@ -205,3 +205,50 @@ def test_a_search_sweep_stopped_by_sigterm_resumes_under_its_parent_and_asha_sto
     assert 0 <= float(configurations[0]["test/accuracy"]) <= 1 and configurations[0]["train/loss±"] != ""
     again = reasonlab("sweep", str(path), "--resume", name)
     assert again.returncode == 2 and "sweep already finished" in again.stderr
+
+
+def test_the_sweep_progress_bar_counts_done_running_and_pending_trials(capsys):
+    from types import SimpleNamespace
+
+    from reasonlab.sweep import TrialProgress
+
+    progress = TrialProgress(5)
+    trials = [SimpleNamespace(status=s) for s in ("TERMINATED", "ERROR", "RUNNING", "PENDING")]
+    progress.on_trial_start(0, trials, trials[2])
+    assert progress.bar.n == 2 and progress.bar.total == 5
+    assert progress.bar.postfix == "running=1, pending=2, failed=1"  # one pending, one not yet made by Tune
+    trials[2].status = "TERMINATED"
+    progress.on_experiment_end(trials)
+    assert progress.bar.n == 3 and "3/5" in capsys.readouterr().err
+
+
+def test_study_plots_draw_repeated_seeds_as_their_mean_with_the_interval(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.axes import Axes
+
+    from reasonlab.analysis.capacity import plot_capacity
+    from reasonlab.analysis.grokking import plot_steps_vs_phi
+    from reasonlab.analysis.intervals import mean_interval
+
+    drawn = []
+    real = Axes.errorbar
+    monkeypatch.setattr(Axes, "errorbar", lambda self, x, y, yerr=None, **kw: (
+        drawn.append((list(x), list(y), list(yerr))), real(self, x, y, yerr=yerr, **kw))[1])
+    # capacity: one size with three seeds, another with one model (its own sampling interval)
+    rows = [{"hops": 1, "num_profiles": 40, "relations": 2, "n_params_used": size, "capacity_optimal": c,
+             "ci95_optimal": 5.0, "dataset_entropy_optimal": 900.0} for size, c in
+            [(1000, 100.0), (1000, 120.0), (1000, 140.0), (3000, 300.0)]]
+    plot_capacity(rows, str(tmp_path / "c.png"))
+    x, y, err = drawn[0]
+    assert x == [1000, 3000] and y == [pytest.approx(120.0), 300.0]
+    assert err == [pytest.approx(mean_interval([100.0, 120.0, 140.0])[1]), 5.0]
+    drawn.clear()
+    grok = [{"phi": phi, "weight_decay": 0.1, "grad_filter": "none", "steps_to_fit": fit, "steps_to_id50": None,
+             "steps_to_id95": None, "steps": 5000, "best_id": 0.5, "best_ood": 0.1}
+            for phi, fit in [(3.6, 1000), (3.6, 1400), (7.2, 2000)]]
+    plot_steps_vs_phi(grok, str(tmp_path / "g.png"))
+    fit_x, fit_y, fit_err = drawn[0]
+    assert fit_x == [3.6, 7.2] and fit_y == [1200.0, 2000.0]
+    assert fit_err[0] == pytest.approx(mean_interval([1000, 1400])[1]) and fit_err[1] == 0.0

@@ -366,7 +366,8 @@ def run_sweep(sweep, resume: str | None = None) -> str:
                     # would be ignored beside it).
                     search_alg=BasicVariantGenerator(random_state=base_cfg.train.seed, constant_grid_search=True,
                                                      max_concurrent=sweep.max_concurrent_trials)),
-                run_config=tune.RunConfig(name=sweep_name, storage_path=storage_path(base_cfg), verbose=0),
+                run_config=tune.RunConfig(name=sweep_name, storage_path=storage_path(base_cfg), verbose=0,
+                                          callbacks=[TrialProgress(sweep.num_trials)]),
             )
         results = tuner.fit()
         if results.num_terminated + results.num_errors < sweep.num_trials:  # Tune's Ctrl-C handler ended fit()
@@ -425,6 +426,42 @@ def check_resumable(sweep: Sweep, sweep_name: str, cfg: Config, state: str, requ
                           f"{'nothing to resume' if required else 'change sweep_name to run it again'}")
     if not os.path.isdir(state):
         raise ConfigError(f"--resume: {sweep_name}: no Tune state at {state} to resume from")
+
+
+def TrialProgress(total: int):
+    """A Tune callback on the driver: a progress bar of the sweep's trials (done of all, running, pending). It is
+    part of the Tuner's saved run config, so a restored sweep shows it too."""
+    from ray.tune import Callback
+    from tqdm import tqdm
+
+    class Progress(Callback):
+        def __init__(self) -> None:
+            self.bar = None
+
+        def _show(self, trials) -> None:
+            if self.bar is None:
+                self.bar = tqdm(total=total, desc="trials", unit="trial", file=sys.stderr, dynamic_ncols=True)
+            count = {s: sum(t.status == s for t in trials) for s in ("TERMINATED", "ERROR", "RUNNING", "PENDING")}
+            self.bar.n = count["TERMINATED"] + count["ERROR"]
+            self.bar.set_postfix({"running": count["RUNNING"], "pending": count["PENDING"] + total - len(trials),
+                                  "failed": count["ERROR"]}, refresh=False)
+            self.bar.refresh()
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self._show(trials)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._show(trials)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._show(trials)
+
+        def on_experiment_end(self, trials, **info):
+            if self.bar is not None:
+                self._show(trials)
+                self.bar.close()
+
+    return Progress()
 
 
 def make_scheduler(spec: dict | None, cfg: Config):

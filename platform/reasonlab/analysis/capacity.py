@@ -204,8 +204,11 @@ def capacity_rows(loss_table: dict[str, np.ndarray], stats: dict, n_params: int,
 
 def plot_capacity(rows: list[dict], path: str, scheme: str = "optimal") -> None:
     """capacity_vs_params.png: log-log capacity against parameters (unused embedding rows left out),
-    one colour per dataset size, its dataset entropy dashed, and the 2 bits/parameter line."""
+    one colour per dataset size, its dataset entropy dashed, and the 2 bits/parameter line. Models of one size
+    trained with several seeds are drawn as their mean with a 95% interval over the seeds."""
     import matplotlib
+
+    from reasonlab.analysis.intervals import mean_interval
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -218,9 +221,13 @@ def plot_capacity(rows: list[dict], path: str, scheme: str = "optimal") -> None:
         params = [r["n_params_used"] for r in sub]
         for i, (n, rel) in enumerate(sizes):
             color = f"C{i}"
-            pts = sorted((r["n_params_used"], r[f"capacity_{scheme}"], r[f"ci95_{scheme}"]) for r in sub
-                         if (r["num_profiles"], r["relations"]) == (n, rel))
-            x, y, err = zip(*pts)
+            by_size: dict[int, list[tuple[float, float]]] = {}
+            for r in sub:
+                if (r["num_profiles"], r["relations"]) == (n, rel):
+                    by_size.setdefault(r["n_params_used"], []).append((r[f"capacity_{scheme}"], r[f"ci95_{scheme}"]))
+            # one model: its sampling interval; repeated seeds of one size: their mean and 95% t-interval
+            x, y, err = zip(*[(size, *(runs[0] if len(runs) == 1 else mean_interval([c for c, _ in runs])))
+                              for size, runs in sorted(by_size.items())])
             ax.errorbar(x, y, yerr=err, marker="o", color=color, label=f"N={n}, R={rel}", capsize=2)
             h = next(r[f"dataset_entropy_{scheme}"] for r in sub if (r["num_profiles"], r["relations"]) == (n, rel))
             ax.axhline(h, color=color, linestyle="--", linewidth=1, label=f"dataset entropy N={n}")

@@ -97,11 +97,14 @@ def test_final_model_is_a_registrable_logged_model_and_still_a_from_pretrained_f
     # the run's own folder, as every reader of a run loads it
     folder = Path(client.download_artifacts(run.run_id, "model", str(tmp_path / "run")))
     assert AutoModelForCausalLM.from_pretrained(folder).config.n_layer == 1
+    assert not (folder / "MLmodel").exists()  # the logged model's files are not laid over the run's folder
+    assert {f.path for f in client.list_artifacts(run.run_id, "model")} == {f"model/{p.name}" for p in folder.iterdir()}
     assert len(AutoTokenizer.from_pretrained(folder)) == len(tokenizer)
     # and one logged model, of this run, in the transformers flavour, with the run's final metrics
     [output] = client.get_run(run.run_id).outputs.model_outputs
     assert output.step == 40
     logged = client.get_logged_model(output.model_id)
+    assert logged.name == "final_model"
     assert (logged.experiment_id, logged.source_run_id, str(logged.status)) == (run.experiment_id, run.run_id,
                                                                                 "READY")
     assert {m.key: m.value for m in logged.metrics} == {"test/accuracy": 0.25}

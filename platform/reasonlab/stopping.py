@@ -3,8 +3,9 @@
 Ray's `ray.init` installs a SIGTERM handler that raises SystemExit wherever the driver is, and Train and Tune
 have their own Ctrl-C handling (Train aborts its workers, then exits; Tune stops its trials and saves the
 experiment so `Tuner.restore` can resume it). So on SIGTERM the driver first closes what it has open as KILLED
-(`ray job stop` sends SIGKILL 3 s later: RAY_JOB_STOP_WAIT_TIME_S), then raises SIGINT, and the stop takes the
-same path as Ctrl-C, whichever of those handlers is installed at that moment. `handle_sigterm` is called when
+(`ray job stop` sends SIGKILL 3 s later: RAY_JOB_STOP_WAIT_TIME_S), then calls the SIGINT handler, and the
+stop takes the same path as Ctrl-C, whichever of those handlers is installed at that moment (a KeyboardInterrupt
+where SIGINT is ignored, as in a background job started by a script). `handle_sigterm` is called when
 the CLI starts and again after `ray.init` (`connect`), which replaces it.
 """
 from __future__ import annotations
@@ -37,7 +38,11 @@ def _sigterm(signum, frame) -> None:
         except Exception:  # a store that cannot be reached must not stop the stop
             pass
     _on_stop.clear()
-    signal.raise_signal(signal.SIGINT)
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler):  # Train's, Tune's, or Python's own (KeyboardInterrupt)
+        handler(signal.SIGINT, frame)
+    else:  # SIGINT ignored (`nohup reasonlab ... &` from a script): a stop all the same
+        raise KeyboardInterrupt
 
 
 def handle_sigterm() -> None:

@@ -31,6 +31,10 @@ FINAL_RUN_TAG = "reasonlab.final_run"  # on a staged job's parent run: the run o
 MAX_PARAM_LENGTH = 6000
 # the parameters a run's model has, counted when it is built (`model.n_params` is the size a job asks for, or None)
 PARAM_COUNT = "param_count"
+# the name of a run's MLflow logged model: not "model", the run's own folder, or MLflow would lay the logged
+# model's files over that folder whenever it is listed or downloaded (and, in mlflow 3.17, look the model up in
+# the default store, failing unless MLFLOW_TRACKING_URI names this one)
+LOGGED_MODEL = "final_model"
 PARAM_COUNT_USED = "param_count_used"  # without the embedding rows of tokens the task never uses
 # MLflow 3's marker of what an experiment holds (its UI's "Model training" rather than "GenAI")
 EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
@@ -321,7 +325,7 @@ class RunLogger:
         if type(model).__name__ not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
             from mlflow.entities import LoggedModelOutput
 
-            logged = self.client.create_logged_model(run.info.experiment_id, "model", self.run_id,
+            logged = self.client.create_logged_model(run.info.experiment_id, LOGGED_MODEL, self.run_id,
                                                      params=run.data.params)
             self.client.log_model_artifacts(logged.model_id, folder)
             self.client.finalize_logged_model(logged.model_id, "READY")
@@ -340,7 +344,7 @@ class RunLogger:
         flavor_log.setLevel(logging.ERROR)  # its warnings that a local model has no hub model card or licence
         try:
             info = mlflow.transformers.log_model(
-                {"model": model, "tokenizer": tokenizer}, name="model", task="text-generation", run_id=self.run_id,
+                {"model": model, "tokenizer": tokenizer}, name=LOGGED_MODEL, task="text-generation", run_id=self.run_id,
                 step=step, pip_requirements=[f"transformers=={transformers.__version__}",  # no inference: it
                                              f"torch=={torch.__version__.split('+')[0]}"])  # loads the model again
         finally:

@@ -31,11 +31,11 @@ FINAL_RUN_TAG = "reasonlab.final_run"  # on a staged job's parent run: the run o
 MAX_PARAM_LENGTH = 6000
 # the parameters a run's model has, counted when it is built (`model.n_params` is the size a job asks for, or None)
 PARAM_COUNT = "param_count"
+PARAM_COUNT_USED = "param_count_used"  # without the embedding rows of tokens the task never uses
 # the name of a run's MLflow logged model: not "model", the run's own folder, or MLflow would lay the logged
 # model's files over that folder whenever it is listed or downloaded (and, in mlflow 3.17, look the model up in
 # the default store, failing unless MLFLOW_TRACKING_URI names this one)
 LOGGED_MODEL = "final_model"
-PARAM_COUNT_USED = "param_count_used"  # without the embedding rows of tokens the task never uses
 # MLflow 3's marker of what an experiment holds (its UI's "Model training" rather than "GenAI")
 EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
 # a saved view of the runs table that MLflow's UI opens with ?viewStateShareKey=reasonlab: its columns

@@ -252,3 +252,21 @@ def test_study_plots_draw_repeated_seeds_as_their_mean_with_the_interval(tmp_pat
     fit_x, fit_y, fit_err = drawn[0]
     assert fit_x == [3.6, 7.2] and fit_y == [1200.0, 2000.0]
     assert fit_err[0] == pytest.approx(mean_interval([1000, 1400])[1]) and fit_err[1] == 0.0
+
+
+def test_a_fit_that_tunes_ctrl_c_handler_ended_is_told_from_one_that_finished():
+    import os
+
+    from ray.tune.tune import _setup_signal_catching  # what Tuner.fit installs for its run
+
+    from reasonlab.stopping import tune_interruption
+
+    before = signal.getsignal(signal.SIGINT)
+    with tune_interruption() as interrupted:
+        _setup_signal_catching()  # a fit that ends normally leaves Tune's handler in place
+    assert interrupted == [False] and signal.getsignal(signal.SIGINT) is before
+    with tune_interruption() as interrupted:
+        event = _setup_signal_catching()
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C during the fit: Tune stops it and puts the marker back
+        time.sleep(0.1)
+    assert event.is_set() and interrupted == [True] and signal.getsignal(signal.SIGINT) is before

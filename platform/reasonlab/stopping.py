@@ -10,6 +10,7 @@ the CLI starts and again after `ray.init` (`connect`), which replaces it.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -62,3 +63,28 @@ def connect() -> None:
         ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level="WARNING", log_to_driver=True,
                  configure_logging=True, logging_config=ray.LoggingConfig(log_level="WARNING"))
     handle_sigterm()
+
+
+@contextlib.contextmanager
+def tune_interruption():
+    """Whether Tune's own Ctrl-C handler ended a `Tuner.fit()` run inside the block: the yielded list holds True
+    afterwards if so. Tune installs its handler for the fit and, on the first SIGINT (or SIGTERM, through ours),
+    puts back the handler it found, which is this block's marker; a fit that ends normally leaves Tune's."""
+    state: list[bool] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield state
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def marker(signum, frame):
+        if callable(previous):
+            previous(signum, frame)
+        else:
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, marker)
+    try:
+        yield state
+    finally:
+        state.append(signal.getsignal(signal.SIGINT) is marker)
+        signal.signal(signal.SIGINT, previous)

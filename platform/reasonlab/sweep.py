@@ -327,7 +327,7 @@ def run_sweep(sweep, resume: str | None = None) -> str:
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from reasonlab.stopping import connect, done, on_stop
+    from reasonlab.stopping import connect, done, on_stop, tune_interruption
     from reasonlab.studies import log_task_artifacts
     from reasonlab.tracking import DriverRun
 
@@ -369,8 +369,10 @@ def run_sweep(sweep, resume: str | None = None) -> str:
                 run_config=tune.RunConfig(name=sweep_name, storage_path=storage_path(base_cfg), verbose=0,
                                           callbacks=[TrialProgress(sweep.num_trials)]),
             )
-        results = tuner.fit()
-        if results.num_terminated + results.num_errors < sweep.num_trials:  # Tune's Ctrl-C handler ended fit()
+        with tune_interruption() as interrupted:
+            results = tuner.fit()
+        # Tune's Ctrl-C handler ends fit() normally, its running trials TERMINATED
+        if any(interrupted) or results.num_terminated + results.num_errors < sweep.num_trials:
             raise KeyboardInterrupt
         for line in close_stopped_trials(parent, results, sweep, sweep_name):
             print(line, flush=True)

@@ -478,19 +478,21 @@ def make_scheduler(spec: dict | None, cfg: Config):
                          stop_last_trials=False)
 
 
-def trial_index() -> int:
-    """This trial's number in its sweep (Tune's trial counter, kept by a restore)."""
-    from ray import tune
+def trial_run_name(sweep_name: str, trial_id: str | None = None) -> str:
+    """The run name of trial `trial_id` (this trial's, inside one): the sweep's name and the trial's number, Tune's
+    trial counter at the end of its id, which a restore keeps."""
+    if trial_id is None:
+        from ray import tune
 
-    return int(tune.get_context().get_trial_id().rpartition("_")[2])
+        trial_id = tune.get_context().get_trial_id()
+    return f"{sweep_name}-t{int(trial_id.rpartition('_')[2])}"
 
 
 def close_stopped_trials(parent, results, sweep: Sweep, sweep_name: str) -> list[str]:
     """Trials the scheduler stopped (their last result is before their max_steps): their runs end KILLED, tagged with
     the step they were stopped at, whether their actor was gone before the run could close (RUNNING) or the run
     got further while Tune was stopping it. Returns a line for each."""
-    from reasonlab.tracking import RUN_NAME_TAG
-
+    runs = {r.info.run_name: r for r in _children(parent)}
     lines = []
     for result in results:
         if result.error is not None or "trial_id" not in result.metrics or result.metrics.get("step") is None:
@@ -498,12 +500,10 @@ def close_stopped_trials(parent, results, sweep: Sweep, sweep_name: str) -> list
         step = int(result.metrics["step"])
         if step >= sweep.config_of(result.config).train.max_steps:
             continue
-        name = f"{sweep_name}-t{int(result.metrics['trial_id'].rpartition('_')[2])}"
-        runs = parent.client.search_runs([parent.experiment_id], max_results=1,
-                                         filter_string=f"tags.`{RUN_NAME_TAG}` = '{name}'")
-        if runs:
-            parent.client.set_tag(runs[0].info.run_id, STOPPED_EARLY_TAG, str(step))
-            parent.client.set_terminated(runs[0].info.run_id, "KILLED")
+        name = trial_run_name(sweep_name, result.metrics["trial_id"])
+        if name in runs:
+            parent.client.set_tag(runs[name].info.run_id, STOPPED_EARLY_TAG, str(step))
+            parent.client.set_terminated(runs[name].info.run_id, "KILLED")
             lines.append(f"{name}: stopped early at step {step} by the scheduler (run KILLED)")
     return lines
 
@@ -543,7 +543,7 @@ def _training_trials(sweep: Sweep, sweep_name: str, parent, base_cfg: Config, pi
     parent_id = parent.run_id
 
     def trial(config: dict) -> None:  # one Tune trial: one Train run, a child MLflow run
-        cfg = sweep.config_of(config, [*extra, f"tracking.run_name={sweep_name}-t{trial_index()}"])
+        cfg = sweep.config_of(config, [*extra, f"tracking.run_name={trial_run_name(sweep_name)}"])
         run_training(cfg, parent_run_id=parent_id, callbacks=[TuneReportCallback()])
 
     # the trial only drives its trainer
@@ -578,7 +578,7 @@ def _evaluation_trials(sweep: Sweep, sweep_name: str, parent, base_cfg: Config, 
     threads = base_cfg.scaling.torch_threads or max(1, (os.cpu_count() or 1) // sweep.max_concurrent_trials)
 
     def trial(config: dict) -> None:  # one Tune trial: one evaluation, a child MLflow run
-        name = f"{sweep_name}-t{trial_index()}"
+        name = trial_run_name(sweep_name)
         tune.report(evaluate_trained(sweep.config_of(config, pinned), trained, name, parent_id, threads=threads))
 
     study = Study(parent.client, parent_id, [base_cfg], sweep.varied, eval_only=True,

@@ -181,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         return _fail(str(e))
     except KeyboardInterrupt:
+        stopping.disconnect()
         if stopping.received:
             print("reasonlab: stopped by SIGTERM; its runs are closed as KILLED", file=sys.stderr)
             return 143

@@ -59,10 +59,26 @@ def connect() -> None:
 
     if not ray.is_initialized():
         # the job's workers and actors log at WARNING too: their INFO lines (checkpoint created, result reported,
-        # worker group started, dataset execution) came between our step lines
+        # worker group started, dataset execution) came between our step lines. Ray Data configures its own
+        # logger in each actor that runs a dataset (the split coordinator's "Dataset ... execution finished"
+        # arrived after a stopped driver's last line), and reads its level from the environment there. Train's
+        # DataConfig still passes a deprecated option of Ray Data's, which warned once per worker
+        env = {"RAY_DATA_LOG_LEVEL": os.environ.get("RAY_DATA_LOG_LEVEL", "WARNING"),
+               "PYTHONWARNINGS": os.environ.get("PYTHONWARNINGS",
+                                                "ignore:`ExecutionOptions.exclude_resources` is deprecated")}
         ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level="WARNING", log_to_driver=True,
-                 configure_logging=True, logging_config=ray.LoggingConfig(log_level="WARNING"))
+                 configure_logging=True, logging_config=ray.LoggingConfig(log_level="WARNING"),
+                 runtime_env={"env_vars": env})
     handle_sigterm()
+
+
+def disconnect() -> None:
+    """Leave Ray after a stop, so no line forwarded from a worker or actor comes after the driver's last one."""
+    import sys
+
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        with contextlib.suppress(Exception):
+            sys.modules["ray"].shutdown()
 
 
 @contextlib.contextmanager

@@ -424,12 +424,13 @@ def worker_resources(cfg: Config, available_cpus: float) -> dict:
 
 
 def quiet_data_context() -> None:
-    """Ray Data settings of this process: our step lines are the progress display, and a rerun must
-    see the examples in the same order."""
+    """Ray Data settings of this process: a rerun must see the examples in the same order. Ray Data's progress
+    is logged at INFO, hidden like its other INFO lines, rather than drawn as bars: with no terminal attached
+    (workers, actors) and no Ray tqdm it logs; bars turned off are announced by a warning of their own."""
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
+    ctx.use_ray_tqdm = False
     ctx.execution_options.preserve_order = True
     quiet_ray_loggers()
 
@@ -499,7 +500,7 @@ def run_training(cfg: Config, parent_run_id: str | None = None, callbacks: list 
                 name=run_name, storage_path=storage,
                 failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-                callbacks=callbacks,
+                callbacks=callbacks, logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             ),
             datasets={"train": dataset},
             dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import weakref
 from dataclasses import dataclass
 from typing import ClassVar
@@ -25,6 +26,17 @@ from transformers import StaticCache
 from reasonlab.errors import ConfigError
 from reasonlab.methods.base import IGNORE, Method, MethodParams
 from reasonlab.tasks import Example
+
+
+class _NoMaskOnPurpose(logging.Filter):
+    """transformers warns once that no attention mask came with padded ids; here none is passed on purpose
+    (module docstring), and its warning says so itself when pad and EOS are one token, as here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "your input_ids may be padded" not in record.getMessage()
+
+
+logging.getLogger("transformers.modeling_utils").addFilter(_NoMaskOnPurpose())
 
 
 @dataclass

@@ -98,3 +98,33 @@ def test_the_sweep_checks_its_trials_against_the_cluster(monkeypatch):
         check_trial_resources(sweep, sweep.trial_config(0))
     monkeypatch.setattr(reasonlab.cluster, "cluster_offer", lambda: (GPU_BOX, []))
     check_trial_resources(sweep, sweep.trial_config(0))  # two 1-GPU nodes hold a trial's worker
+
+
+def _listening_nowhere() -> str:
+    import socket
+
+    with socket.socket() as s:  # a port just freed: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{s.getsockname()[1]}"
+
+
+def test_an_address_where_no_cluster_listens_exits_2_in_one_line(reasonlab_home, monkeypatch):
+    """Ray's own connect waited over ten minutes for such an address; the driver says so within seconds."""
+    address = _listening_nowhere()
+    monkeypatch.setenv("RAY_ADDRESS", address)
+    result = reasonlab("train", "jobs/quickstart.yaml", "tracking.run_name=nowhere", timeout=60)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        f"reasonlab: error: RAY_ADDRESS={address}: no Ray cluster answers there ("), lines
+    assert "starting run" not in result.stdout
+
+
+@pytest.mark.ray
+def test_a_cluster_that_refuses_the_token_exits_2_in_one_line(ray_head, reasonlab_home):
+    env = dict(ray_head["env"], RAY_ADDRESS=ray_head["address"], RAY_AUTH_TOKEN="0" * 32)
+    result = reasonlab("train", "jobs/quickstart.yaml", "tracking.run_name=wrong-token", timeout=180, env=env)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"reasonlab: error: RAY_ADDRESS={ray_head['address']}: the Ray cluster there refused this driver's token: "
+        "use the cluster's own (RAY_AUTH_MODE=token, and `ray get-auth-token` on its head node)")

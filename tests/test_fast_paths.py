@@ -203,3 +203,36 @@ def test_static_decoder_through_evaluate_and_its_step_compiles_to_one_graph():
             logits = steps.next(tokens[-1], position_ids)
     assert torch.equal(torch.stack(tokens, 1), reference)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+def test_a_lasting_evaluation_gets_a_progress_bar_and_a_quick_one_none():
+    """`evaluate` reports after each batch; `LastingBar` draws a bar only once the evaluation has lasted, then
+    counts every example and closes, and the accuracy is the same with or without it."""
+    from reasonlab.evaluate import LastingBar, evaluate
+
+    _, task, tok, method = _setup({"name": "cot"})
+    model = _model(tok)
+    examples = task.heldout("test")[:10]
+    bars = []
+
+    class Bar:
+        def __init__(self, total, desc, unit):
+            self.total, self.desc, self.counted, self.closed = total, desc, 0, False
+            bars.append(self)
+
+        def update(self, n):
+            self.counted += n
+
+        def close(self):
+            self.closed = True
+
+    kwargs = {"batch_size": 3, "max_new_tokens": 8, "device": CPU}
+    calls = []
+    plain = evaluate(model, tok, method, examples, progress=lambda done, total: calls.append((done, total)), **kwargs)
+    assert calls == [(3, 10), (6, 10), (9, 10), (10, 10)]
+    evaluate(model, tok, method, examples, progress=LastingBar("quick", after_s=3600, bar=Bar), **kwargs)
+    assert bars == []
+    barred = evaluate(model, tok, method, examples, progress=LastingBar("test", after_s=0, bar=Bar), **kwargs)
+    assert len(bars) == 1 and (bars[0].total, bars[0].desc, bars[0].counted, bars[0].closed) == (10, "test", 10, True)
+    assert barred.accuracy == plain.accuracy
+    assert [p["generated"] for p in barred.predictions] == [p["generated"] for p in plain.predictions]

@@ -13,7 +13,7 @@ import time
 import torch
 
 from reasonlab.config import Config
-from reasonlab.evaluate import evaluate
+from reasonlab.evaluate import LastingBar, evaluate
 from reasonlab.methods import make_method
 from reasonlab.models import count_parameters
 from reasonlab.tasks import make_task
@@ -56,8 +56,8 @@ def evaluate_trained(cfg: Config, trained_run_id: str, run_name: str, parent_run
         metrics, predictions = {}, []
         count = cfg.eval.num_examples if split == "valid" else cfg.eval.test_examples
         for prefix, examples in task.eval_sets(split).items():
-            result = evaluate(model, tokenizer, method, examples[:count],
-                              batch_size=cfg.eval.batch_size, **eval_options(cfg, spec), device=device)
+            result = evaluate(model, tokenizer, method, examples[:count], batch_size=cfg.eval.batch_size,
+                              **eval_options(cfg, spec), device=device, progress=LastingBar(f"{run_name} {prefix}"))
             metrics.update(result.metrics(prefix))
             predictions += [{"set": prefix, **p} for p in result.predictions[: cfg.eval.log_predictions]]
             print(f"{run_name} {prefix}: accuracy {result.accuracy:.4f} on {result.num_examples} examples, "

@@ -6,6 +6,7 @@ import contextlib
 import time
 from collections import Counter
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -46,12 +47,37 @@ def vote(answers: list[str]) -> str:
     return max(counts, key=lambda a: (counts[a], -answers.index(a))) if counts else ""
 
 
+class LastingBar:
+    """`progress` for `evaluate`: a progress bar that appears only once an evaluation has run `after_s` seconds,
+    so quick evaluations add no line. `bar` makes it (tqdm's by default; Ray workers pass Ray's, which the
+    driver draws)."""
+
+    def __init__(self, desc: str, after_s: float = 10.0, bar: Callable | None = None):
+        self.desc, self.after_s, self.make = desc, after_s, bar
+        self.start, self.done, self.bar = time.perf_counter(), 0, None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None and time.perf_counter() - self.start >= self.after_s and done < total:
+            if self.make is None:
+                from tqdm import tqdm as make
+            else:
+                make = self.make
+            self.bar = make(total=total, desc=self.desc, unit="ex")
+            self.bar.update(done)
+        elif self.bar is not None:
+            self.bar.update(done - self.done)
+        self.done = done
+        if self.bar is not None and done >= total:
+            self.bar.close()
+
+
 @torch.inference_mode()
 def evaluate(model, tokenizer, method, examples: list[Example], *, batch_size: int, max_new_tokens: int,
              device: torch.device, precision: str = "auto", seq_len: int | None = None, steps: int | None = None,
-             samples: int = 1, seed: int = 0, decoder: str = "dynamic") -> EvalResult:
+             samples: int = 1, seed: int = 0, decoder: str = "dynamic",
+             progress: Callable[[int, int], None] | None = None) -> EvalResult:
     """Generate every example's target (greedily, or `samples` times with a vote on the answer) and
-    compare answers exactly.
+    compare answers exactly. `progress(done, total)` is called after each batch (e.g. a `LastingBar`).
 
     Throughput counts everything from tokenizing the prompts to extracting the answers (all samples
     of a question included), as the implicit-CoT repos time it.
@@ -78,6 +104,8 @@ def evaluate(model, tokenizer, method, examples: list[Example], *, batch_size: i
                                              decoder=decoder)
             for i, text in zip(rows, texts):
                 outputs[i].append(text)
+        if progress is not None:
+            progress(lo + len(rows), len(order))
     drawn = {i: [method.answer(text, eos) for text in texts] for i, texts in outputs.items()}
     answers = {i: vote(a) if samples > 1 else a[0] for i, a in drawn.items()}
     elapsed = time.perf_counter() - start

@@ -13,8 +13,11 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import threading
 from typing import Callable
+
+from reasonlab.errors import ConfigError
 
 _on_stop: dict[int, Callable[[], None]] = {}  # what to close first on SIGTERM, by handle
 received: list[int] = []  # the stop signals received, for the CLI's last line
@@ -66,10 +69,43 @@ def connect() -> None:
         env = {"RAY_DATA_LOG_LEVEL": os.environ.get("RAY_DATA_LOG_LEVEL", "WARNING"),
                "PYTHONWARNINGS": os.environ.get("PYTHONWARNINGS",
                                                 "ignore:`ExecutionOptions.exclude_resources` is deprecated")}
-        ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level="WARNING", log_to_driver=True,
-                 configure_logging=True, logging_config=ray.LoggingConfig(log_level="WARNING"),
-                 runtime_env={"env_vars": env})
+        address = os.environ.get("RAY_ADDRESS")
+        _check_reachable(address)  # Ray's own connect waited over ten minutes for a port nothing listens on
+        if address and address not in ("auto", "local"):
+            # Train's placement-group cleaner (an actor) asks the state API with no address, which picks the
+            # latest of several Ray instances on a machine: with another running, it failed to stop after 12 s
+            # at the end of every run and a killed trial's placement group leaked
+            env["RAY_ADDRESS"] = address
+        try:
+            ray.init(address=address, logging_level="WARNING", log_to_driver=True, configure_logging=True,
+                     logging_config=ray.LoggingConfig(log_level="WARNING"), runtime_env={"env_vars": env})
+        except ConnectionError as e:
+            raise ConfigError(f"RAY_ADDRESS={address}: {_unreachable(e)}") from None
     handle_sigterm()
+
+
+def _check_reachable(address: str | None) -> None:
+    """A `host:port` address whose port takes no connection is refused in one line within seconds."""
+    if not address or address in ("auto", "local") or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=10).close()
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"RAY_ADDRESS={address}: no Ray cluster answers there ({e})") from None
+
+
+def _unreachable(error: BaseException) -> str:
+    """Why `ray.init` could not connect, in one line. Ray names the refused token only inside the text of the
+    error it chains (the last connection attempt's traceback)."""
+    chain, cause = [], error
+    while cause is not None and len(chain) < 10:
+        chain.append(str(cause))
+        cause = cause.__cause__ or cause.__context__
+    if any("AuthenticationError" in text or "InvalidAuthToken" in text for text in chain):
+        return ("the Ray cluster there refused this driver's token: use the cluster's own "
+                "(RAY_AUTH_MODE=token, and `ray get-auth-token` on its head node)")
+    return f"no Ray cluster answers there ({chain[0].splitlines()[0]})"
 
 
 def disconnect() -> None:

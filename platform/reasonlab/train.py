@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from reasonlab.config import Config, ConfigError, config_from_dict
-from reasonlab.evaluate import evaluate
+from reasonlab.evaluate import LastingBar, evaluate
 from reasonlab.loop import TrainLoop
 from reasonlab.methods import example_length, make_method, prompt_length, sequence_length, target_length
 from reasonlab.models import count_parameters
@@ -129,7 +129,8 @@ def train_loop_per_worker(spec: dict) -> None:
                     eval_started = time.perf_counter()
                     for prefix, examples in eval_sets.items():
                         result = evaluate(model, tokenizer, method, examples, batch_size=cfg.eval.batch_size,
-                                          **eval_options(cfg, spec), device=device)
+                                          **eval_options(cfg, spec), device=device,
+                                          progress=eval_bar(f"{prefix} at step {step}"))
                         metrics.update(result.metrics(prefix))
                         say(f"{prefix} at step {step}: accuracy {result.accuracy:.4f} on {result.num_examples} "
                             f"held-out examples, {result.examples_per_sec:.1f} examples/s", flush=True)
@@ -197,7 +198,7 @@ def finish_run(model, tokenizer, method, task, cfg: Config, spec: dict, device, 
     predictions = []
     for prefix, examples in task.eval_sets("test").items():
         result = evaluate(model, tokenizer, method, examples[: cfg.eval.test_examples], batch_size=cfg.eval.batch_size,
-                          **eval_options(cfg, spec), device=device)
+                          **eval_options(cfg, spec), device=device, progress=eval_bar(prefix))
         logger.log_metrics(result.metrics(prefix), cfg.train.max_steps)
         print(f"{prefix}: accuracy {result.accuracy:.4f} on {result.num_examples} held-out examples, "
               f"{result.examples_per_sec:.1f} examples/s (batch size {cfg.eval.batch_size})", flush=True)
@@ -225,6 +226,13 @@ def finish_run(model, tokenizer, method, task, cfg: Config, spec: dict, device, 
 def measures_capacity(task, method) -> bool:
     """Capacity needs each fact's teacher-forced answer loss: capacity tasks under autoregressive methods."""
     return task.measures_capacity and method.teacher_forced
+
+
+def eval_bar(desc: str):
+    """A progress bar for an evaluation in a Ray worker that lasts over ten seconds, drawn by the driver."""
+    from ray.experimental.tqdm_ray import tqdm
+
+    return LastingBar(desc, bar=tqdm)
 
 
 def eval_options(cfg: Config, spec: dict) -> dict:

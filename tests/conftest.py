@@ -1,8 +1,11 @@
 """One local Ray instance (token authentication on) and one throwaway reasonlab home per test session."""
 from __future__ import annotations
 
+import atexit
 import contextlib
+import json
 import os
+import select
 import shutil
 import signal
 import socket
@@ -120,9 +123,54 @@ def reasonlab(*args: str, timeout: float = 600, env: dict | None = None) -> subp
                           env=env or dict(os.environ))
 
 
+# A process that has imported what the CLI imports before it reads a job (torch and transformers with the method
+# registry: about five of the six seconds a fresh interpreter takes to refuse bad input) and never Ray; each call
+# is a fork of it, a process of its own as a fresh interpreter would be.
+_FORK_SERVER = r"""
+import json, os, sys, traceback
+import reasonlab.cli, reasonlab.config
+assert "ray" not in sys.modules
+for line in sys.stdin:
+    request = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        out, err = (os.open(request[k], os.O_WRONLY | os.O_CREAT | os.O_TRUNC) for k in ("out", "err"))
+        os.dup2(out, 1)
+        os.dup2(err, 2)
+        os.environ.clear()
+        os.environ.update(request["env"])
+        os.chdir(request["cwd"])
+        try:
+            rc = reasonlab.cli.main(request["args"])
+        except SystemExit as e:  # argparse
+            rc = e.code if isinstance(e.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
+            rc = 1
+        print("RAY_IMPORTED" if "ray" in sys.modules else "NO_RAY", flush=True)
+        sys.stderr.flush()
+        os._exit(rc or 0)
+    _, status = os.waitpid(pid, 0)
+    print(os.waitstatus_to_exitcode(status), flush=True)
+"""
+_fork_server: subprocess.Popen | None = None
+
+
 def cli_in_fresh_python(*args: str) -> subprocess.CompletedProcess:
-    """The CLI in a new interpreter; stdout ends with RAY_IMPORTED or NO_RAY (was anything started?)."""
-    code = ("import sys; from reasonlab.cli import main; rc = main(sys.argv[1:]); "
-            "print('RAY_IMPORTED' if 'ray' in sys.modules else 'NO_RAY'); sys.exit(rc)")
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=REPO,
-                          timeout=120)
+    """The CLI in a process of its own that has not imported Ray; stdout ends with RAY_IMPORTED or NO_RAY (was
+    anything started?)."""
+    global _fork_server
+    if _fork_server is None or _fork_server.poll() is not None:
+        _fork_server = subprocess.Popen([sys.executable, "-c", _FORK_SERVER], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, text=True, cwd=REPO)
+        atexit.register(_fork_server.kill)
+    with tempfile.TemporaryDirectory() as d:
+        out, err = Path(d) / "out", Path(d) / "err"
+        request = {"args": list(args), "env": dict(os.environ), "cwd": str(REPO), "out": str(out), "err": str(err)}
+        _fork_server.stdin.write(json.dumps(request) + "\n")
+        _fork_server.stdin.flush()
+        if not select.select([_fork_server.stdout], [], [], 120)[0]:
+            _fork_server.kill()
+            raise subprocess.TimeoutExpired(["reasonlab", *args], 120)
+        rc = int(_fork_server.stdout.readline())
+        return subprocess.CompletedProcess(["reasonlab", *args], rc, out.read_text(), err.read_text())

@@ -125,7 +125,7 @@ def test_a_small_model_learns_two_digit_multiplication_with_cot(mult):
     cfg, task, tok = mult
     torch.manual_seed(0)
     cfg = _cfg(model={"n_layer": 4, "d_model": 64, "n_head": 4},
-               train={"lr": 3e-3, "max_steps": 1000, "warmup_steps": 30})
+               train={"lr": 6e-3, "max_steps": 700, "warmup_steps": 30})  # 96.7% here, 91.3% at step 600
     method = make_method(cfg.method)
     seq_len = sequence_length(task, method, tok)
     model = build_causal_lm(cfg.model, len(tok), seq_len, tok.eos_token_id, CPU)

@@ -59,15 +59,15 @@ def kill_after_first_checkpoint(args: list[str], name: str, home: Path) -> int:
     return latest_checkpoint_step(storage, name)
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_training_run_is_tracked_end_to_end(ray_head, reasonlab_home, workers, tmp_path):
+def test_training_run_is_tracked_end_to_end(ray_head, reasonlab_home, tmp_path):
+    """Two workers (one worker's runs are every other test's), a store named by MLFLOW_TRACKING_URI."""
+    workers = 2
     name = f"e2e-{workers}"
     env = dict(os.environ)
-    uri = None
-    if workers == 2:  # MLFLOW_TRACKING_URI must reach the workers, which log the metrics
-        uri = env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'elsewhere' / 'runs.db'}"
-        (tmp_path / "elsewhere").mkdir()
-    accumulate = ["train.grad_accum=2"] if workers == 2 else []  # 2 workers x 2 micro-batches of 4
+    # MLFLOW_TRACKING_URI must reach the workers, which log the metrics
+    uri = env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'elsewhere' / 'runs.db'}"
+    (tmp_path / "elsewhere").mkdir()
+    accumulate = ["train.grad_accum=2"]  # 2 workers x 2 micro-batches of 4
     result = reasonlab("train", "jobs/quickstart.yaml", *TINY, "train.max_steps=20", "train.eval_every=10",
                        f"scaling.num_workers={workers}", f"tracking.run_name={name}", *accumulate, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -91,8 +91,7 @@ def test_training_run_is_tracked_end_to_end(ray_head, reasonlab_home, workers, t
     files = _artifacts(client, run.info.run_id)
     assert {"config.yaml", "predictions.jsonl", "tokenizer/tokenizer.json", "model/config.json",
             "model/model.safetensors", "model/tokenizer.json"} <= files
-    if uri:
-        assert run.info.artifact_uri.startswith((tmp_path / "elsewhere" / "mlartifacts").as_uri())
+    assert run.info.artifact_uri.startswith((tmp_path / "elsewhere" / "mlartifacts").as_uri())
     local = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path)))
     import yaml
     assert yaml.safe_load((local / "config.yaml").read_text())["scaling"]["num_workers"] == workers
@@ -169,9 +168,9 @@ def test_a_stopped_run_is_closed_as_killed_and_the_driver_exits_with_one_line(ra
 
 
 def test_finished_run_name_is_not_reused(ray_head, reasonlab_home):
-    name = "e2e-1"  # finished by test_training_run_is_tracked_end_to_end
+    name = "killed"  # finished by test_killed_run_resumes_from_its_last_checkpoint
     if _run(reasonlab_home, name).info.status != "FINISHED":
-        pytest.skip("needs the finished run of the end-to-end test")
+        pytest.skip("needs the finished run of the resume test")
     result = reasonlab("train", "jobs/quickstart.yaml", *TINY, f"tracking.run_name={name}")
     assert result.returncode == 2 and "already finished" in result.stderr
 
@@ -207,7 +206,7 @@ def test_ray_job_submit_reaches_succeeded(ray_head, reasonlab_home):
 
 def test_ui_serves_the_runs(ray_head, reasonlab_home, tmp_path, monkeypatch):
     """`reasonlab ui` is the MLflow UI on loopback over the default store, artifacts included."""
-    name = "e2e-1"  # finished by test_training_run_is_tracked_end_to_end
+    name = "killed"  # finished by test_killed_run_resumes_from_its_last_checkpoint, in the default store
     expected = _run(reasonlab_home, name)
     port = _free_port()
     # the server's output goes to a file: its job consumers outlive it and would hold a pipe open forever

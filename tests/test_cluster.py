@@ -122,7 +122,9 @@ def test_an_address_where_no_cluster_listens_exits_2_in_one_line(reasonlab_home,
 
 @pytest.mark.ray
 def test_a_cluster_that_refuses_the_token_exits_2_in_one_line(ray_head, reasonlab_home):
-    env = dict(ray_head["env"], RAY_ADDRESS=ray_head["address"], RAY_AUTH_TOKEN="0" * 32)
+    # one connection attempt instead of Ray's twenty, a second apart
+    env = dict(ray_head["env"], RAY_ADDRESS=ray_head["address"], RAY_AUTH_TOKEN="0" * 32,
+               RAY_gcs_server_port_wait_time_s="1")
     result = reasonlab("train", "jobs/quickstart.yaml", "tracking.run_name=wrong-token", timeout=180, env=env)
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1] == (

@@ -235,3 +235,70 @@ def test_ui_serves_the_runs(ray_head, reasonlab_home, tmp_path, monkeypatch):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the server and every process it started
         proc.wait(timeout=30)
+
+
+def _read_until(proc: subprocess.Popen, text: str, timeout: float = 300) -> str:
+    deadline, output = time.time() + timeout, ""
+    for line in proc.stdout:
+        output += line
+        if text in line:
+            return output
+        assert time.time() < deadline, output[-2000:]
+    raise AssertionError(f"{text!r} never came: {output[-2000:]}")
+
+
+def test_a_worker_dying_past_max_failures_closes_the_run_as_failed(ray_head, reasonlab_home):
+    """A training worker's process killed (an OOM kill, a lost node) with no retries left: Train gives up, the run
+    ends FAILED and the driver exits 1 saying so."""
+    name = "worker-died"
+    proc = subprocess.Popen([str(BIN / "reasonlab"), "train", "jobs/quickstart.yaml", *TINY, "train.max_steps=2000",
+                             "scaling.max_failures=0", f"tracking.run_name={name}"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output = _read_until(proc, "step 20/2000")
+        workers = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()
+                   and (p / "cmdline").exists() and (p / "cmdline").read_bytes().startswith(b"ray::RayTrainWorker")]
+        assert len(workers) == 1, workers
+        os.kill(workers[0], signal.SIGKILL)
+        rest, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 1, (output + rest)[-3000:]
+    assert f"reasonlab: run {name} failed (MLflow run " in rest and "marked FAILED" in rest, rest[-3000:]
+    assert _run(reasonlab_home, name).info.status == "FAILED"
+
+
+def test_ray_job_stop_closes_the_submitted_run_as_killed(ray_head, reasonlab_home):
+    """`ray job stop` sends the driver SIGTERM, then SIGKILL 3 s later: the run is closed first, so it ends KILLED
+    whatever the rest of the stop had time for, and the job ends STOPPED."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    name = "job-stopped"
+    env_vars = json.dumps({"env_vars": {"REASONLAB_HOME": str(reasonlab_home)}})
+    submitted = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", ray_head["dashboard"], "--no-wait", "--working-dir", ".",
+         "--runtime-env-json", env_vars, "--", "reasonlab", "train", "jobs/quickstart.yaml", *TINY,
+         "train.max_steps=2000", f"tracking.run_name={name}"],
+        cwd=REPO, env=ray_head["env"], capture_output=True, text=True, timeout=120)
+    out = submitted.stdout + submitted.stderr
+    assert submitted.returncode == 0, out[-3000:]
+    job_id = out.split("Job '")[1].split("'")[0]
+    client = JobSubmissionClient(ray_head["dashboard"])
+    deadline = time.time() + 300
+    try:
+        while "step 20/2000" not in client.get_job_logs(job_id):
+            assert client.get_job_status(job_id) in (JobStatus.PENDING, JobStatus.RUNNING), \
+                client.get_job_logs(job_id)[-3000:]
+            assert time.time() < deadline, client.get_job_logs(job_id)[-3000:]
+            time.sleep(1)
+        stopped = subprocess.run([str(BIN / "ray"), "job", "stop", "--address", ray_head["dashboard"], job_id],
+                                 cwd=REPO, env=ray_head["env"], capture_output=True, text=True, timeout=120)
+        assert stopped.returncode == 0, stopped.stdout[-2000:] + stopped.stderr[-2000:]
+        while client.get_job_status(job_id) == JobStatus.RUNNING:
+            assert time.time() < deadline + 60
+            time.sleep(1)
+    finally:  # never left running into the next test
+        client.stop_job(job_id)
+    assert client.get_job_status(job_id) == JobStatus.STOPPED
+    assert _run(reasonlab_home, name).info.status == "KILLED"

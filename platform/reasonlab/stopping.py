@@ -65,8 +65,11 @@ def connect() -> None:
         # worker group started, dataset execution) came between our step lines. Ray Data configures its own
         # logger in each actor that runs a dataset (the split coordinator's "Dataset ... execution finished"
         # arrived after a stopped driver's last line), and reads its level from the environment there. Train's
-        # DataConfig still passes a deprecated option of Ray Data's, which warned once per worker
+        # DataConfig still passes a deprecated option of Ray Data's, which warned once per worker. Train's
+        # controller polls its workers every 2 s by default, and a worker's report (every evaluation and
+        # checkpoint) waits for that poll: at 0.25 s a 300-step run reporting 15 times took 45 s instead of 74 s
         env = {"RAY_DATA_LOG_LEVEL": os.environ.get("RAY_DATA_LOG_LEVEL", "WARNING"),
+               "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25"),
                "PYTHONWARNINGS": os.environ.get("PYTHONWARNINGS",
                                                 "ignore:`ExecutionOptions.exclude_resources` is deprecated")}
         address = os.environ.get("RAY_ADDRESS")

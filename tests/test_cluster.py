@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import reasonlab
+from conftest import cli_in_fresh_python, reasonlab
 from reasonlab.cluster import resource_shortfall
 
 LAPTOP = [{"CPU": 2.0, "memory": 8e9, "object_store_memory": 2e9, "node:__internal_head__": 1.0}]
@@ -65,8 +65,8 @@ def test_a_gpu_job_on_the_local_cpu_cluster_exits_2_before_any_run(ray_head, rea
     from mlflow.tracking import MlflowClient
 
     before = _run_count(MlflowClient(f"sqlite:///{reasonlab_home / 'mlflow.db'}"))
-    result = reasonlab("train", "jobs/quickstart.yaml", "scaling.use_gpu=true", "tracking.run_name=wants-a-gpu",
-                       timeout=120)
+    result = cli_in_fresh_python("train", "jobs/quickstart.yaml", "scaling.use_gpu=true",
+                                 "tracking.run_name=wants-a-gpu")
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     assert result.stderr.strip().splitlines() == [
         "reasonlab: error: scaling.use_gpu: the job asks for 1 GPU per worker, but the cluster has no GPUs "

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import time
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import BIN, REPO, _free_port, reasonlab
+from conftest import BIN, REPO, _free_port, cli_in_fresh_python, reasonlab
 from reasonlab.train import latest_checkpoint_step
 
 pytestmark = pytest.mark.ray
@@ -112,11 +113,11 @@ def test_training_run_is_tracked_end_to_end(ray_head, reasonlab_home, tmp_path):
 
 def test_killed_run_resumes_from_its_last_checkpoint(ray_head, reasonlab_home):
     name = "killed"
-    args = [*TINY, "train.max_steps=300", "train.eval_every=20", f"tracking.run_name={name}"]
+    args = [*TINY, "train.max_steps=160", "train.eval_every=20", f"tracking.run_name={name}"]
     registered = kill_after_first_checkpoint(["train", "jobs/quickstart.yaml", *args], name, reasonlab_home)
     killed = _run(reasonlab_home, name)
     assert killed.info.status == "RUNNING"  # nobody could close it: the driver was killed
-    assert 0 < registered < 300
+    assert 0 < registered < 160
 
     result = reasonlab("train", "jobs/quickstart.yaml", *args)
     out = result.stdout + result.stderr
@@ -129,8 +130,8 @@ def test_killed_run_resumes_from_its_last_checkpoint(ray_head, reasonlab_home):
     run = _run(reasonlab_home, name)
     assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
     loss_steps = [m.step for m in _client(reasonlab_home).get_metric_history(run.info.run_id, "train/loss")]
-    assert max(loss_steps) == 300 and any(s > resumed_at for s in loss_steps)
-    assert f"step {resumed_at + 5}/300" in out and f"step {resumed_at}/300" not in out  # no step done twice
+    assert max(loss_steps) == 160 and any(s > resumed_at for s in loss_steps)
+    assert f"step {resumed_at + 5}/160" in out and f"step {resumed_at}/160" not in out  # no step done twice
 
 
 @pytest.mark.parametrize("sig, when", [(signal.SIGINT, "training"), (signal.SIGTERM, "training"),
@@ -143,8 +144,8 @@ def test_a_stopped_run_is_closed_as_killed_and_the_driver_exits_with_one_line(ra
     # SIGINT as a terminal leaves it, even when this suite runs in the background; but SIGTERM while starting is
     # sent with SIGINT ignored, as `nohup reasonlab ... &` from a script leaves it: SIGTERM must work either way
     ignore_sigint = sig == signal.SIGTERM and when == "starting"
-    proc = subprocess.Popen([str(BIN / "reasonlab"), "train", "jobs/quickstart.yaml", *TINY, "train.max_steps=2000",
-                             f"tracking.run_name={name}"], cwd=REPO, stdout=subprocess.PIPE,
+    args = ["train", "jobs/quickstart.yaml", *TINY, "train.max_steps=2000", f"tracking.run_name={name}"]
+    proc = subprocess.Popen([str(BIN / "reasonlab"), *args], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN if ignore_sigint
                                                              else signal.SIG_DFL))
@@ -160,9 +161,11 @@ def test_a_stopped_run_is_closed_as_killed_and_the_driver_exits_with_one_line(ra
     rest, _ = proc.communicate(timeout=120)
     assert time.time() - stopped < 60, f"took {time.time() - stopped:.0f} s to exit"
     assert proc.returncode == (130 if sig == signal.SIGINT else 143), (output + rest)[-3000:]
+    resume = shlex.join(["reasonlab", *args])  # the same command, the run named
     assert rest.rstrip().splitlines()[-1] == ("reasonlab: interrupted; its runs are closed as KILLED"
                                               if sig == signal.SIGINT else
-                                              "reasonlab: stopped by SIGTERM; its runs are closed as KILLED")
+                                              "reasonlab: stopped by SIGTERM; its runs are closed as KILLED"
+                                              ) + f"; resume with: {resume}"
     assert "Fatal Python error" not in rest and "core dumped" not in rest
     assert _run(reasonlab_home, name).info.status == "KILLED"
 
@@ -171,7 +174,7 @@ def test_finished_run_name_is_not_reused(ray_head, reasonlab_home):
     name = "killed"  # finished by test_killed_run_resumes_from_its_last_checkpoint
     if _run(reasonlab_home, name).info.status != "FINISHED":
         pytest.skip("needs the finished run of the resume test")
-    result = reasonlab("train", "jobs/quickstart.yaml", *TINY, f"tracking.run_name={name}")
+    result = cli_in_fresh_python("train", "jobs/quickstart.yaml", *TINY, f"tracking.run_name={name}")
     assert result.returncode == 2 and "already finished" in result.stderr
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 
 from reasonlab.errors import ConfigError  # not reasonlab.config, which imports torch: `reasonlab ui` needs none
@@ -27,6 +28,14 @@ def cmd_train(args) -> int:
     except TrainingFailed as e:
         print(f"reasonlab: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        from reasonlab import stopping
+
+        if stopping.run_names:  # the same command under the run's name
+            kept = [o for o in args.overrides if not o.startswith("tracking.run_name=")]
+            stopping.resume_hint[:] = [shlex.join(["reasonlab", "train", args.job, *kept,
+                                                   f"tracking.run_name={stopping.run_names[-1]}"])]
+        raise
     what = "staged job" if isinstance(job, Pipeline) else "run"
     print(f"\nfinished {what} {outcome.run_name}: MLflow run id {outcome.run_id}\n"
           f"  tracking store: {outcome.tracking_uri}\n"
@@ -182,10 +191,11 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(e))
     except KeyboardInterrupt:
         stopping.disconnect()
+        resume = "".join(f"; resume with: {hint}" for hint in stopping.resume_hint)
         if stopping.received:
-            print("reasonlab: stopped by SIGTERM; its runs are closed as KILLED", file=sys.stderr)
+            print(f"reasonlab: stopped by SIGTERM; its runs are closed as KILLED{resume}", file=sys.stderr)
             return 143
-        print("reasonlab: interrupted; its runs are closed as KILLED", file=sys.stderr)
+        print(f"reasonlab: interrupted; its runs are closed as KILLED{resume}", file=sys.stderr)
         return 130
 
 

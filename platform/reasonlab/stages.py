@@ -239,12 +239,15 @@ def run_pipeline(pipeline: Pipeline, run_name: str | None = None, parent_run_id:
                  out=sys.stdout) -> PipelineOutcome:
     """Every stage in order as a child run of one parent run; finished stages of a restarted pipeline
     (same run name) are skipped. The parent ends FINISHED, FAILED or KILLED with its stages."""
+    from reasonlab import stopping
     from reasonlab.tracking import FINAL_RUN_TAG, DriverRun
     from reasonlab.train import run_training
 
     check_references(pipeline)
     name = run_name or pipeline.run_name or f"{pipeline.job}-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(2).hex()}"
     final_cfg = pipeline.final.cfg
+    if parent_run_id is None:
+        stopping.run_names.append(name)
     parent = DriverRun(final_cfg, name, parent_run_id=parent_run_id)
     if not parent.resumed:
         parent.client.set_tag(parent.run_id, STAGES_TAG, ",".join(s.name for s in pipeline.stages))

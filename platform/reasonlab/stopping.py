@@ -21,6 +21,8 @@ from reasonlab.errors import ConfigError
 
 _on_stop: dict[int, Callable[[], None]] = {}  # what to close first on SIGTERM, by handle
 received: list[int] = []  # the stop signals received, for the CLI's last line
+run_names: list[str] = []  # the top-level runs this process started or resumed: a stopped one resumes by name
+resume_hint: list[str] = []  # the command that resumes what was stopped, for the CLI's last line
 
 
 def on_stop(close: Callable[[], None]) -> int:

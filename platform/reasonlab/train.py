@@ -467,6 +467,7 @@ def run_training(cfg: Config, parent_run_id: str | None = None, callbacks: list 
 
     from reasonlab.cluster import check_cluster_resources
     from reasonlab.data import train_dataset
+    from reasonlab import stopping
     from reasonlab.stopping import connect
     from reasonlab.tracking import DriverRun, storage_path
 
@@ -477,6 +478,8 @@ def run_training(cfg: Config, parent_run_id: str | None = None, callbacks: list 
     resources = worker_resources(cfg, ray.available_resources().get("CPU", 1.0))
     # workers no node can hold would be waited for forever: refused here, before a run exists (ConfigError)
     check_cluster_resources([(resources, cfg.scaling.num_workers)])
+    if parent_run_id is None:  # before the run exists: its "starting run" line may be the last thing a stop sees
+        stopping.run_names.append(run_name)
     run = DriverRun(cfg, run_name, parent_run_id=parent_run_id)
     storage = storage_path(cfg)
     status = "FAILED"

@@ -7,6 +7,11 @@ experiment so `Tuner.restore` can resume it). So on SIGTERM the driver first clo
 stop takes the same path as Ctrl-C, whichever of those handlers is installed at that moment (a KeyboardInterrupt
 where SIGINT is ignored, as in a background job started by a script). `handle_sigterm` is called when
 the CLI starts and again after `ray.init` (`connect`), which replaces it.
+
+`connect` is also where a driver joins Ray: an address nothing answers on, or a cluster that refuses the token,
+is one line before any run exists, and the job's runtime env carries what every worker and actor of it needs
+(quiet logging, the cluster's address, Train's poll interval). After a stop, `disconnect` leaves Ray before
+the CLI's last line, which names the command that resumes what was stopped.
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import contextlib
 import os
 import signal
 import socket
+import sys
 import threading
 from typing import Callable
 
@@ -115,8 +121,6 @@ def _unreachable(error: BaseException) -> str:
 
 def disconnect() -> None:
     """Leave Ray after a stop, so no line forwarded from a worker or actor comes after the driver's last one."""
-    import sys
-
     if "ray" in sys.modules and sys.modules["ray"].is_initialized():
         with contextlib.suppress(Exception):
             sys.modules["ray"].shutdown()

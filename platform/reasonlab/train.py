@@ -468,13 +468,12 @@ def run_training(cfg: Config, parent_run_id: str | None = None, callbacks: list 
     from reasonlab.cluster import check_cluster_resources
     from reasonlab.data import train_dataset
     from reasonlab import stopping
-    from reasonlab.stopping import connect
     from reasonlab.tracking import DriverRun, storage_path
 
     cfg = config_from_dict(spec["config"], job=cfg.job)  # with the derived sizes, so they are logged
     # Train V2 sends worker prints both to stdout and to its logger, so each line showed twice
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    connect()
+    stopping.connect()
     resources = worker_resources(cfg, ray.available_resources().get("CPU", 1.0))
     # workers no node can hold would be waited for forever: refused here, before a run exists (ConfigError)
     check_cluster_resources([(resources, cfg.scaling.num_workers)])

@@ -134,6 +134,16 @@ def test_killed_run_resumes_from_its_last_checkpoint(ray_head, reasonlab_home):
     assert f"step {resumed_at + 5}/160" in out and f"step {resumed_at}/160" not in out  # no step done twice
 
 
+def _read_until(proc: subprocess.Popen, text: str, timeout: float = 300) -> str:
+    deadline, output = time.time() + timeout, ""
+    for line in proc.stdout:
+        output += line
+        if text in line:
+            return output
+        assert time.time() < deadline, output[-2000:]
+    raise AssertionError(f"{text!r} never came: {output[-2000:]}")
+
+
 @pytest.mark.parametrize("sig, when", [(signal.SIGINT, "training"), (signal.SIGTERM, "training"),
                                        (signal.SIGINT, "starting"), (signal.SIGTERM, "starting")])
 def test_a_stopped_run_is_closed_as_killed_and_the_driver_exits_with_one_line(ray_head, reasonlab_home, sig, when):
@@ -149,13 +159,7 @@ def test_a_stopped_run_is_closed_as_killed_and_the_driver_exits_with_one_line(ra
                             stderr=subprocess.STDOUT, text=True, start_new_session=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN if ignore_sigint
                                                              else signal.SIG_DFL))
-    deadline = time.time() + 300
-    output = ""
-    for line in proc.stdout:  # wait until the run exists, or until training runs
-        output += line
-        if ("step 20/2000" if when == "training" else f"starting run {name}") in line:
-            break
-        assert time.time() < deadline, output[-2000:]
+    output = _read_until(proc, "step 20/2000" if when == "training" else f"starting run {name}")  # run exists / trains
     (os.killpg if sig == signal.SIGINT else os.kill)(proc.pid, sig)  # SIGTERM to the driver alone, as `kill` does
     stopped = time.time()
     rest, _ = proc.communicate(timeout=120)
@@ -238,16 +242,6 @@ def test_ui_serves_the_runs(ray_head, reasonlab_home, tmp_path, monkeypatch):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the server and every process it started
         proc.wait(timeout=30)
-
-
-def _read_until(proc: subprocess.Popen, text: str, timeout: float = 300) -> str:
-    deadline, output = time.time() + timeout, ""
-    for line in proc.stdout:
-        output += line
-        if text in line:
-            return output
-        assert time.time() < deadline, output[-2000:]
-    raise AssertionError(f"{text!r} never came: {output[-2000:]}")
 
 
 def test_a_worker_dying_past_max_failures_closes_the_run_as_failed(ray_head, reasonlab_home):

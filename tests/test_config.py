@@ -193,3 +193,15 @@ def test_data_sample_prints_icot_lines():
                                      f"test_path={REPO.parent / 'shared/data/icot/4_by_4_mult/test.txt'}")
     assert test_split.stdout.splitlines()[:-1] == (
         (REPO.parent / "shared/data/icot/4_by_4_mult/test.txt").read_text().splitlines()[:2])
+
+
+@pytest.mark.parametrize("job", sorted((REPO / "jobs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_job_file_loads_and_its_task_makes_examples(job):
+    from reasonlab.config import Config
+    from reasonlab.stages import load_job
+    from reasonlab.tasks import make_task
+    loaded = load_job(job)
+    configs = [loaded] if isinstance(loaded, Config) else [stage.cfg for stage in loaded.stages]
+    for cfg in configs:
+        example = make_task(cfg.task).examples(0, 1)[0]
+        assert example.prompt and example.answer, f"{job.name}: an empty example {example}"

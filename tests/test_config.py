@@ -6,7 +6,9 @@ import socket
 import pytest
 
 from conftest import REPO, cli_in_fresh_python
-from reasonlab.config import ConfigError, load_config
+from reasonlab.config import Config, ConfigError, load_config
+from reasonlab.stages import load_job
+from reasonlab.tasks import make_task
 
 QUICKSTART = REPO / "jobs" / "quickstart.yaml"
 
@@ -197,9 +199,6 @@ def test_data_sample_prints_icot_lines():
 
 @pytest.mark.parametrize("job", sorted((REPO / "jobs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_job_file_loads_and_its_task_makes_examples(job):
-    from reasonlab.config import Config
-    from reasonlab.stages import load_job
-    from reasonlab.tasks import make_task
     loaded = load_job(job)
     configs = [loaded] if isinstance(loaded, Config) else [stage.cfg for stage in loaded.stages]
     for cfg in configs:

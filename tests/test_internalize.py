@@ -177,6 +177,25 @@ def test_optimizer_is_reset_exactly_when_the_count_rises_and_a_resumed_loop_rese
     assert loop.resets == []
 
 
+
+def test_after_each_reset_the_learning_rate_ramps_up_again_over_reset_warmup_steps():
+    cfg, task, tok, m = _si(epoch_examples=64, remove_per_epoch=1, pretrain_epochs=2, reset_warmup_steps=3,
+                            train={"batch_size": 16, "warmup_steps": 0, "schedule": "constant", "lr": 1e-3})
+    loop = _loop(m, task, tok)
+    used = []
+    for step in range(48):
+        used.append(loop.lr)  # the rate this step trains with
+        loop.train_step([_batch(m, task, tok, step)])
+    resets = list(range(12, 41, 4))
+    assert loop.resets == resets
+    expected = [1e-3] * 48
+    for r in resets:  # resets before step r: r, r+1 at 1/3 and 2/3, full again from r+2
+        expected[r], expected[r + 1] = 1e-3 / 3, 2e-3 / 3
+    assert used == pytest.approx(expected)
+    assert [m.lr_scale(t) for t in (0, 11, 12, 13, 14, 44, 45)] == pytest.approx([1, 1, 1 / 3, 2 / 3, 1, 1, 1])
+    assert _si(epoch_examples=64, remove_per_epoch=1, pretrain_epochs=2)[3].lr_scale(12) == 1.0  # default: none
+
+
 # ---- the interface and the configuration ----
 
 def test_every_method_subclasses_the_interface_and_declares_its_decoding():
@@ -191,6 +210,7 @@ def test_every_method_subclasses_the_interface_and_declares_its_decoding():
     ({"smoothing_lambda": -2.0}, "method.smoothing_lambda"),
     ({"epoch_examples": 0}, "method.epoch_examples"),
     ({"side": "middle"}, "method.side"),
+    ({"reset_warmup_steps": -1}, "method.reset_warmup_steps"),
 ])
 def test_bad_internalization_settings_are_one_line_errors(overrides, message):
     with pytest.raises(ConfigError, match=message):

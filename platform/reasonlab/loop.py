@@ -72,8 +72,8 @@ class TrainLoop:
 
     @property
     def lr(self) -> float:
-        """The learning rate of the next step."""
-        return self.cfg.lr * lr_factor(self.step, self.cfg)
+        """The learning rate of the next step: the schedule's, times the method's factor."""
+        return self.cfg.lr * lr_factor(self.step, self.cfg) * self.method.lr_scale(self.step)
 
     def reset_optimizer(self) -> None:
         """A fresh AdamW (zero moments), as stepwise internalization does when it removes a token."""

@@ -13,6 +13,7 @@ The hooks, in the order a run meets them:
                              so anything random per example is a function of the index and resumes exactly
   loss(model, batch) -> (loss, metrics)           inside the module DDP wraps (loop.MethodModule)
   on_step(step, loop)        after each optimizer step (stepwise internalization resets the optimizer)
+  lr_scale(step)             a factor on the schedule's learning rate at a step (a ramp after each reset)
   step_metrics(step)         values of the schedule at a step, logged with the loss
   generate_text(...), answer(...)                 evaluation
   save(model, directory), finish(history, directory)   the run's artifacts (history: fetched on demand)
@@ -121,6 +122,10 @@ class Method:
 
     def on_step(self, step: int, loop) -> None:
         """After optimizer step `step` (1-based: `step` steps done); `loop` is the TrainLoop."""
+
+    def lr_scale(self, step: int) -> float:
+        """A factor on train.lr's schedule at optimizer step `step` (0-based); a pure function of the step."""
+        return 1.0
 
     # ---- evaluation ----
     def generate_text(self, model, tokenizer, examples: list[Example], *, max_new_tokens: int, seq_len: int | None,

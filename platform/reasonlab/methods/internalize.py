@@ -48,6 +48,9 @@ class InternalizeParams(AutoregressiveParams):
     remove_all_beyond: Optional[int] = None  # once s reaches this, remove the whole chain; null: never
     side: Literal["left", "right"] = "left"
     reset_optimizer: bool = True  # fresh AdamW whenever s rises
+    # after each reset, the learning rate ramps up again over this many steps (0: at once, as the reference).
+    # A fresh AdamW's first updates are lr·sign(g) on every weight, a kick a small model at lr 1e-3 feels
+    reset_warmup_steps: int = 0
 
     def check(self) -> None:
         super().check()
@@ -63,6 +66,8 @@ class InternalizeParams(AutoregressiveParams):
         if self.remove_all_beyond is not None and self.remove_all_beyond <= 0:
             raise ConfigError(f"method.remove_all_beyond: expected a value > 0 (or null: never), "
                               f"got {self.remove_all_beyond}")
+        if self.reset_warmup_steps < 0:
+            raise ConfigError(f"method.reset_warmup_steps: expected a value >= 0, got {self.reset_warmup_steps}")
 
 
 def removal_offsets(indices: np.ndarray, lam: float | None, seed: int) -> np.ndarray:
@@ -141,11 +146,25 @@ class StepwiseInternalization(ExplicitCoT):
             s = min(s, self.cot_tokens)  # the whole chain, once s covers it (or is infinite: remove_all_beyond)
         return {"train/cot_tokens_removed": float(s)}
 
+    def resets_before(self, step: int) -> bool:
+        """Whether the optimizer is rebuilt before step `step` (0-based): the first batch with a higher
+        count, until the chain is all gone."""
+        previous = self.scheduled(step - 1)
+        return (self.params.reset_optimizer and step > 0 and self.scheduled(step) > previous
+                and not self.all_removed(previous))
+
     def on_step(self, step: int, loop) -> None:
-        """Before the first batch with a higher count: a fresh optimizer, until the chain is all gone."""
-        previous, upcoming = self.scheduled(step - 1), self.scheduled(step)
-        if self.params.reset_optimizer and upcoming > previous and not self.all_removed(previous):
+        if self.resets_before(step):
             loop.reset_optimizer()
+
+    def lr_scale(self, step: int) -> float:
+        """(k + 1) / reset_warmup_steps at the k-th step after the latest reset: a function of the step, so
+        a resumed run ramps up alike."""
+        warmup = self.params.reset_warmup_steps
+        for since in range(warmup - 1):
+            if self.resets_before(step - since):
+                return (since + 1) / warmup
+        return 1.0
 
     # ---- rows ----
     def encode(self, examples, tokenizer, seq_len: int, indices=None) -> dict[str, np.ndarray]:

@@ -8,6 +8,7 @@ import torch
 from reasonlab.analysis.grokking import fit_step, grokking_row, plot_curves, plot_steps_vs_phi
 from reasonlab.config import ConfigError, config_from_dict
 from reasonlab.loop import TrainLoop
+from reasonlab.methods.base import Method
 
 CPU = torch.device("cpu")
 
@@ -18,13 +19,10 @@ def _cfg(**train):
                              "method": {"name": "qa"}, "train": train})
 
 
-class _Squares:
+class _Squares(Method):
     """A method whose loss is a fixed function of the weights: gradients known in advance."""
     def loss(self, model, batch):
         return (model.weight * batch["scale"]).square().sum(), {}
-
-    def on_step(self, step, loop):
-        pass
 
 
 def test_grokfast_ema_adds_lambda_times_the_running_average_of_gradients_and_resumes_it():

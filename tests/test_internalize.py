@@ -177,7 +177,6 @@ def test_optimizer_is_reset_exactly_when_the_count_rises_and_a_resumed_loop_rese
     assert loop.resets == []
 
 
-
 def test_after_each_reset_the_learning_rate_ramps_up_again_over_reset_warmup_steps():
     cfg, task, tok, m = _si(epoch_examples=64, remove_per_epoch=1, pretrain_epochs=2, reset_warmup_steps=3,
                             train={"batch_size": 16, "warmup_steps": 0, "schedule": "constant", "lr": 1e-3})

@@ -49,7 +49,22 @@ def reasonlab_home(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def ray_head(reasonlab_home):
-    """`ray start --head` on loopback, as a user would run it; drivers reach it through RAY_ADDRESS."""
+    """`ray start --head` on loopback, as a user would run it; drivers reach it through RAY_ADDRESS. A Ray test
+    that fails is followed by a fresh head (see `pytest_runtest_makereport`), so what a failure leaves behind on
+    the cluster cannot starve every later test; the dict is updated in place."""
+    info = _start_head()
+    _heads.append(info)
+    yield info
+    os.environ.pop("RAY_ADDRESS", None)
+    _stop_head(info["temp_dir"])
+    shutil.rmtree(info["temp_dir"], ignore_errors=True)
+    _heads.clear()
+
+
+_heads: list[dict] = []  # the session's head, once started
+
+
+def _start_head() -> dict:
     ray = str(BIN / "ray")
     env = dict(os.environ, RAY_AUTH_MODE="token", PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
     subprocess.run([ray, "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
@@ -66,13 +81,57 @@ def ray_head(reasonlab_home):
          "--disable-usage-stats", f"--temp-dir={temp_dir}", *own_ports],
         env=env, check=True, capture_output=True, timeout=180,
     )
-    info = {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard}", "env": env}
+    info = {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard}", "env": env,
+            "temp_dir": temp_dir}
     os.environ.update(RAY_ADDRESS=info["address"], RAY_AUTH_MODE="token")
     _wait_for_dashboard(dashboard)
-    yield info
-    os.environ.pop("RAY_ADDRESS", None)
-    _stop_head(temp_dir)
-    shutil.rmtree(temp_dir, ignore_errors=True)
+    return info
+
+
+# What a Ray test's failure left on the cluster: the CPUs free, the placement groups, the live actors, and the
+# resource requests Ray Data's and Train's AutoscalingCoordinator holds (Ray Data sizes its work by what that
+# actor reserves to it, not by the CPUs free: a request left by a killed Train run holds its CPUs for 180 s)
+_CLUSTER_STATE = r"""
+import time, ray
+ray.init(logging_level="ERROR")
+from ray.util.state import list_actors, list_placement_groups
+print("CPUs free:", ray.available_resources().get("CPU", 0.0), "of", ray.cluster_resources().get("CPU", 0.0))
+for pg in list_placement_groups(limit=1000):
+    if pg.state != "REMOVED":
+        print("placement group", pg.placement_group_id, pg.state, "job", pg.creator_job_id, pg.bundles)
+for a in list_actors(filters=[("state", "!=", "DEAD")], limit=1000):
+    print("actor", a.class_name, a.state, "job", a.job_id, a.required_resources)
+try:
+    coordinator = ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
+    def requests(self):
+        now = time.time()
+        return {k: (v.requested_resources, v.reserved_resources, round(v.expiration_time - now))
+                for k, v in self._ongoing_reqs.items()}
+    for requester, (wants, has, left) in ray.get(coordinator.__ray_call__.remote(requests), timeout=20).items():
+        print("request", requester, "wants", wants, "has", has, f"expires in {left} s")
+except Exception as e:
+    print("AutoscalingCoordinator:", type(e).__name__, e)
+"""
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """After a failed Ray test: the cluster's state goes into its report, and the next test gets a fresh head."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.when != "call" or not report.failed or not _heads or "ray_head" not in item.fixturenames:
+        return
+    info = _heads[0]
+    try:
+        state = subprocess.run([sys.executable, "-c", _CLUSTER_STATE], capture_output=True, text=True, timeout=60,
+                               env=dict(info["env"], RAY_ADDRESS=info["address"]))
+        text = state.stdout + state.stderr[-2000:]
+    except subprocess.TimeoutExpired:
+        text = "no answer from the cluster within 60 s"
+    report.sections.append(("Ray cluster after the failure", text))
+    _stop_head(info["temp_dir"])
+    shutil.rmtree(info["temp_dir"], ignore_errors=True)
+    info.update(_start_head())
 
 
 def _stop_head(temp_dir: str) -> None:

@@ -11,11 +11,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from reasonlab.config import config_from_dict
-from reasonlab.methods import make_method
-from reasonlab.tasks import make_task
-from reasonlab.tokenizer import tokenizer_from_files
-
 if TYPE_CHECKING:
     import ray.data
 
@@ -29,6 +24,13 @@ def _encoder(spec: dict):
     """(task, method, tokenizer, seq_len) for a spec, built once per Ray worker process."""
     key = spec["encoder_key"]
     if key not in _encoders:
+        # imported here, not with the module: Ray Data's split coordinator unpickles the pipeline, which names
+        # this module, and never encodes; the methods bring torch and transformers, about 4 s of its start-up
+        from reasonlab.config import config_from_dict
+        from reasonlab.methods import make_method
+        from reasonlab.tasks import make_task
+        from reasonlab.tokenizer import tokenizer_from_files
+
         cfg = config_from_dict(spec["config"])
         task, method = make_task(cfg.task), make_method(cfg.method, cfg)
         tokenizer = tokenizer_from_files(spec["tokenizer"])

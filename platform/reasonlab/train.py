@@ -7,6 +7,7 @@ import os
 import pickle
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,10 @@ def train_loop_per_worker(spec: dict) -> None:
     cfg = config_from_dict(spec["config"], job=spec["job"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    say = print if rank == 0 else (lambda *a, **k: None)
+    # asked for first: Ray Data starts its pipeline at the first request, and the worker builds its model meanwhile
+    batches = _waiting_said(_first_fetched_ahead(iter(ray.train.get_dataset_shard("train").iter_torch_batches(
+        batch_size=cfg.micro_batch_size, dtypes=torch.long, prefetch_batches=4, drop_last=True))), say)
     # this node's cores shared by this node's workers (the driver may run on another machine)
     torch.set_num_threads(cfg.scaling.torch_threads or max(1, (os.cpu_count() or 1) // ctx.get_local_world_size()))
     torch.manual_seed(cfg.train.seed)
@@ -61,7 +66,6 @@ def train_loop_per_worker(spec: dict) -> None:
     step = loop.step
 
     logger = RunLogger(spec["tracking_uri"], spec["run_id"]) if rank == 0 else None
-    say = print if rank == 0 else (lambda *a, **k: None)
     sizes = size_params(model, [*spec["used_token_ids"], *method.extra_state_ids(tokenizer, model)])
     if rank == 0 and not step:
         logger.log_params(sizes)
@@ -70,8 +74,6 @@ def train_loop_per_worker(spec: dict) -> None:
             f"unused embedding rows), sequence length {spec['seq_len']}")
     eval_sets = {k: v[: cfg.eval.num_examples] for k, v in task.eval_sets("valid").items()}
 
-    batches = iter(ray.train.get_dataset_shard("train").iter_torch_batches(
-        batch_size=cfg.micro_batch_size, dtypes=torch.long, prefetch_batches=4, drop_last=True))
     window_start, window_tokens, loss_sum, loss_count = _new_window(device)
     extra_sums: dict = {}
     started = time.perf_counter()
@@ -277,6 +279,51 @@ def _csv(rows: list[dict]) -> str:
     writer.writeheader()
     writer.writerows(rows)
     return out.getvalue()
+
+
+def _first_fetched_ahead(batches):
+    """The batches, the first of them fetched in a thread from now on (an error in it is raised when the first
+    batch is asked for)."""
+    first: dict = {}
+
+    def fetch():
+        try:
+            first["batch"] = next(batches)
+        except BaseException as e:  # raised in the training thread, below
+            first["error"] = e
+
+    thread = threading.Thread(target=fetch, name="first-batch", daemon=True)
+    thread.start()
+
+    def stream():
+        thread.join()
+        if "error" in first:
+            raise first["error"]
+        yield first.pop("batch")
+        yield from batches
+
+    return stream()
+
+
+FIRST_BATCH_PATIENCE_S = 120.0
+
+
+def _waiting_said(batches, say, patience: float = FIRST_BATCH_PATIENCE_S):
+    """The batches, with one line if the first takes longer than `patience` seconds: a run starved of the CPU
+    Ray Data needs otherwise waits in silence, its last line the model's size."""
+    def waiting():
+        say(f"no training batch from Ray Data after {patience:g} s: its tasks need a CPU that the workers "
+            f"leave free (`ray status` shows what holds the cluster's CPUs)", flush=True)
+
+    timer = threading.Timer(patience, waiting)
+    timer.daemon = True
+    timer.start()
+    try:
+        first = next(batches)
+    finally:
+        timer.cancel()
+    yield first
+    yield from batches
 
 
 def _new_window(device) -> tuple:

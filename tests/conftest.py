@@ -116,10 +116,11 @@ except Exception as e:
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
-    """After a failed Ray test: the cluster's state goes into its report, and the next test gets a fresh head."""
+    """After a failed Ray test (or its fixture): the cluster's state goes into its report, and the next test gets
+    a fresh head."""
     outcome = yield
     report = outcome.get_result()
-    if report.when != "call" or not report.failed or not _heads or "ray_head" not in item.fixturenames:
+    if report.when == "teardown" or not report.failed or not _heads or "ray_head" not in item.fixturenames:
         return
     info = _heads[0]
     try:

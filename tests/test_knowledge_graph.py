@@ -194,8 +194,23 @@ def test_the_stream_is_index_addressed_and_reshuffled_every_epoch():
     assert task.examples(5 * n + 3, 5 * n + 4) == resumed.examples(5 * n + 3, 5 * n + 4)
 
 
+@pytest.mark.parametrize("kind", ["composition", "comparison"])
+def test_atomic_repeat_puts_each_atomic_fact_that_many_times_in_an_epoch_and_changes_nothing_else(kind):
+    once, thrice = _task(**SMALL[kind]), _task(**SMALL[kind], atomic_repeat=3)
+    assert thrice.graph is once.graph and thrice.eval_sets("valid") == once.eval_sets("valid")
+    c = once.counts()
+    n_atomic = c["atomic_id"] + c["atomic_ood"]
+    assert thrice.train_size == 3 * n_atomic + c["inferred_train"] == once.train_size + 2 * n_atomic
+    epoch = Counter((e.prompt, e.answer) for e in _epoch(thrice))
+    atomic = {f for f in _facts(_epoch(once)) if f[0].count(" ") == 1}
+    assert len(atomic) == n_atomic and all(epoch[f] == 3 for f in atomic)
+    assert all(n == 1 for f, n in epoch.items() if f not in atomic) and sum(epoch.values()) == thrice.train_size
+    n = thrice.train_size  # still index-addressed: a restarted run continues where it stopped
+    assert _task(**SMALL[kind], atomic_repeat=3).examples(n - 5, n + 9) == thrice.examples(0, 2 * n)[n - 5:n + 9]
+
+
 @pytest.mark.parametrize("fields, key", [
-    ({"phi": 0}, "phi"), ({"phi": -1.5}, "phi"),
+    ({"phi": 0}, "phi"), ({"phi": -1.5}, "phi"), ({"atomic_repeat": 0}, "atomic_repeat"),
     ({"relations": 10, "relations_per_entity": 11}, "relations_per_entity"),
     ({"relations_per_entity": 0}, "relations_per_entity"),
     ({"ood_ratio": 0}, "ood_ratio"), ({"ood_ratio": 1}, "ood_ratio"), ({"ood_ratio": 1.5}, "ood_ratio"),

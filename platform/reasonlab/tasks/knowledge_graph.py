@@ -75,6 +75,9 @@ class KnowledgeGraphParams:
     id_test_ratio: float | None = None
     eval_size: int = 3000  # facts in each named evaluation set, at most (the paper's probes)
     seed: int = 0  # fixes the graph, the splits, the pool and the order of every epoch
+    # times each atomic fact comes in one epoch of the training stream (1: the paper's); more gives the atomic
+    # facts a larger share of each batch without changing the graph, its splits or the inferred pool
+    atomic_repeat: int = 1
 
     def __post_init__(self) -> None:
         for key, value in PAPER_SETTINGS.get(self.kind, {}).items():
@@ -91,6 +94,8 @@ class KnowledgeGraphParams:
             raise ConfigError(f"task.phi: expected a value > 0, got {self.phi}")
         if self.eval_size < 1:
             raise ConfigError(f"task.eval_size: expected a value > 0, got {self.eval_size}")
+        if self.atomic_repeat < 1:
+            raise ConfigError(f"task.atomic_repeat: expected a whole number ≥ 1, got {self.atomic_repeat}")
         if self.kind == "composition":
             self._check_composition()
         else:
@@ -285,7 +290,8 @@ def _knowledge_graph(frozen: tuple) -> KnowledgeGraph:
 
 def knowledge_graph(p: KnowledgeGraphParams) -> KnowledgeGraph:
     """The graph of a configuration (built once per process and configuration)."""
-    return _knowledge_graph(dataclasses.astuple(p))  # the params object itself is not hashable
+    # the params object itself is not hashable; the atomic facts' repeat is the stream's, not the graph's
+    return _knowledge_graph(dataclasses.astuple(dataclasses.replace(p, atomic_repeat=1)))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -307,8 +313,9 @@ class KnowledgeGraphTask(Task):
 
     @property
     def train_size(self) -> int:
-        """Facts in one epoch of the training stream: every atomic fact and the inferred pool."""
-        return len(self.graph.atomic) + len(self.graph.pool)
+        """Facts in one epoch of the training stream: every atomic fact `atomic_repeat` times and the inferred
+        pool."""
+        return len(self.graph.atomic) * self.params.atomic_repeat + len(self.graph.pool)
 
     def counts(self) -> dict[str, int]:
         """Sizes of the atomic and inferred sets (the named evaluation sets sample them)."""
@@ -350,7 +357,7 @@ class KnowledgeGraphTask(Task):
         return self._orders[epoch]
 
     def training_rows(self, start: int, stop: int) -> np.ndarray:
-        """Rows of the training set (atomic facts first, then the pool) at stream positions start..stop-1:
+        """Rows of the training set (the atomic facts' copies first, then the pool) at stream positions start..stop-1:
         epoch i // N, position i % N of that epoch's order."""
         epoch, position = np.divmod(np.arange(start, stop, dtype=np.int64), self.train_size)
         rows = np.empty(len(epoch), dtype=np.int64)
@@ -362,9 +369,10 @@ class KnowledgeGraphTask(Task):
     def examples(self, start: int, stop: int) -> list[Example]:
         rows = self.training_rows(start, stop)
         n_atomic = len(self.graph.atomic)
-        is_atomic = rows < n_atomic
-        atomic = iter(self.atomic_examples(self.graph.atomic[rows[is_atomic]]))
-        inferred = iter(self.inferred_examples(self.graph.pool[rows[~is_atomic] - n_atomic]))
+        copies = n_atomic * self.params.atomic_repeat
+        is_atomic = rows < copies
+        atomic = iter(self.atomic_examples(self.graph.atomic[rows[is_atomic] % n_atomic]))
+        inferred = iter(self.inferred_examples(self.graph.pool[rows[~is_atomic] - copies]))
         return [next(atomic) if a else next(inferred) for a in is_atomic]
 
     # ---- evaluation ----

@@ -150,18 +150,18 @@ def test_a_small_model_learns_two_digit_multiplication_with_cot(mult):
 def test_a_first_batch_that_keeps_a_worker_waiting_is_said_once_and_a_prompt_one_is_not():
     import time
 
-    from reasonlab.train import _waiting_said
+    from reasonlab.train import _first_fetched_ahead
 
     def stream(delay):
         time.sleep(delay)
         yield from range(3)
 
     lines = []
-    assert list(_waiting_said(stream(0.5), lambda *a, **k: lines.append(a[0]), patience=0.1)) == [0, 1, 2]
+    assert list(_first_fetched_ahead(stream(0.5), lambda *a, **k: lines.append(a[0]), patience=0.1)) == [0, 1, 2]
     assert len(lines) == 1 and lines[0].startswith("no training batch from Ray Data after 0.1 s")
     lines.clear()
-    assert list(_waiting_said(stream(0.0), lambda *a, **k: lines.append(a[0]), patience=0.3)) == [0, 1, 2]
-    time.sleep(0.5)  # the timer was cancelled with the first batch: nothing comes later either
+    assert list(_first_fetched_ahead(stream(0.0), lambda *a, **k: lines.append(a[0]), patience=0.3)) == [0, 1, 2]
+    time.sleep(0.5)  # nothing comes later either
     assert lines == []
 
 
@@ -176,7 +176,7 @@ def test_the_first_batch_is_fetched_before_it_is_asked_for_and_its_error_reaches
         fetched.set()
         yield from range(3)
 
-    batches = _first_fetched_ahead(stream())
+    batches = _first_fetched_ahead(stream(), print)
     assert fetched.wait(5)  # nobody has asked yet
     assert list(batches) == [0, 1, 2]
 
@@ -184,6 +184,6 @@ def test_the_first_batch_is_fetched_before_it_is_asked_for_and_its_error_reaches
         raise OSError("no data")
         yield
 
-    batches = _first_fetched_ahead(broken())
+    batches = _first_fetched_ahead(broken(), print)
     with pytest.raises(OSError, match="no data"):
         next(batches)

@@ -46,8 +46,8 @@ def train_loop_per_worker(spec: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     say = print if rank == 0 else (lambda *a, **k: None)
     # asked for first: Ray Data starts its pipeline at the first request, and the worker builds its model meanwhile
-    batches = _waiting_said(_first_fetched_ahead(iter(ray.train.get_dataset_shard("train").iter_torch_batches(
-        batch_size=cfg.micro_batch_size, dtypes=torch.long, prefetch_batches=4, drop_last=True))), say)
+    batches = _first_fetched_ahead(iter(ray.train.get_dataset_shard("train").iter_torch_batches(
+        batch_size=cfg.micro_batch_size, dtypes=torch.long, prefetch_batches=4, drop_last=True)), say)
     # this node's cores shared by this node's workers (the driver may run on another machine)
     torch.set_num_threads(cfg.scaling.torch_threads or max(1, (os.cpu_count() or 1) // ctx.get_local_world_size()))
     torch.manual_seed(cfg.train.seed)
@@ -281,9 +281,13 @@ def _csv(rows: list[dict]) -> str:
     return out.getvalue()
 
 
-def _first_fetched_ahead(batches):
+FIRST_BATCH_PATIENCE_S = 120.0
+
+
+def _first_fetched_ahead(batches, say, patience: float = FIRST_BATCH_PATIENCE_S):
     """The batches, the first of them fetched in a thread from now on (an error in it is raised when the first
-    batch is asked for)."""
+    batch is asked for), with one line if it keeps the asker waiting longer than `patience` seconds: a run
+    starved of the CPU Ray Data needs otherwise waits in silence, its last line the model's size."""
     first: dict = {}
 
     def fetch():
@@ -296,34 +300,17 @@ def _first_fetched_ahead(batches):
     thread.start()
 
     def stream():
-        thread.join()
+        thread.join(patience)
+        if thread.is_alive():
+            say(f"no training batch from Ray Data after {patience:g} s: its tasks need a CPU that the workers "
+                f"leave free (`ray status` shows what holds the cluster's CPUs)", flush=True)
+            thread.join()
         if "error" in first:
             raise first["error"]
         yield first.pop("batch")
         yield from batches
 
     return stream()
-
-
-FIRST_BATCH_PATIENCE_S = 120.0
-
-
-def _waiting_said(batches, say, patience: float = FIRST_BATCH_PATIENCE_S):
-    """The batches, with one line if the first takes longer than `patience` seconds: a run starved of the CPU
-    Ray Data needs otherwise waits in silence, its last line the model's size."""
-    def waiting():
-        say(f"no training batch from Ray Data after {patience:g} s: its tasks need a CPU that the workers "
-            f"leave free (`ray status` shows what holds the cluster's CPUs)", flush=True)
-
-    timer = threading.Timer(patience, waiting)
-    timer.daemon = True
-    timer.start()
-    try:
-        first = next(batches)
-    finally:
-        timer.cancel()
-    yield first
-    yield from batches
 
 
 def _new_window(device) -> tuple:

@@ -95,3 +95,19 @@ def test_the_table_finds_the_fit_the_grokking_step_and_the_best_accuracies(tmp_p
             {"phi": 3.6, "weight_decay": 0.1, "grad_filter": "none", "steps": 10000, **never}]
     plot_steps_vs_phi(rows, str(tmp_path / "phi.png"))
     assert (tmp_path / "curves.png").stat().st_size > 10_000 and (tmp_path / "phi.png").stat().st_size > 10_000
+
+
+def test_a_knowledge_graph_run_draws_its_own_curves_and_other_tasks_draw_nothing(tmp_path):
+    from reasonlab.tasks import make_task
+
+    task = make_task(_cfg().task)
+    curves = _curves(train=[0.1, 1.0, 1.0, 1.0], atomic=[0.5, 1.0, 1.0, 1.0], test_id=[0, 0.3, 0.7, 0.96],
+                     test_ood=[0, 0, 0.02, 0.01])
+    task.finish(lambda: {**curves, "train/loss": [(10, 2.0), (10000, 0.01)]}, str(tmp_path))
+    assert [p.name for p in tmp_path.iterdir()] == ["grokking_curves.png"]
+    assert (tmp_path / "grokking_curves.png").stat().st_size > 10_000
+    (tmp_path / "grokking_curves.png").unlink()
+    task.finish(lambda: {"train/loss": [(10, 2.0)]}, str(tmp_path))  # never evaluated: no empty plot
+    multiplication = make_task(config_from_dict({"task": {"name": "multiplication"}, "method": {"name": "cot"}}).task)
+    multiplication.finish(lambda: curves, str(tmp_path))
+    assert list(tmp_path.iterdir()) == []

@@ -47,6 +47,7 @@ def test_the_sweep_leaves_dense_curves_the_table_and_plots_with_snapshots_apart_
         assert 0 < child.data.metrics["time/eval_share"] < 1
         artifacts = {a.path for a in client.list_artifacts(child.info.run_id, "snapshots")}
         assert artifacts == {"snapshots/step_00000010"}
+        assert "grokking_curves.png" in {a.path for a in client.list_artifacts(child.info.run_id)}  # each run's own
         run_dir = Path(reasonlab_home) / "ray_results" / child.data.tags["reasonlab.run_name"]
         assert sorted(p.name for p in run_dir.glob("step_*")) == ["step_00000030"]  # checkpoint_every=30
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}

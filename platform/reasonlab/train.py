@@ -208,7 +208,8 @@ def finish_run(model, tokenizer, method, task, cfg: Config, spec: dict, device, 
     log_model(model, tokenizer, method, logger, "model", logged_model_step=cfg.train.max_steps)
     logger.log_text("".join(json.dumps(p) + "\n" for p in predictions), "predictions.jsonl")
     with tempfile.TemporaryDirectory() as d:
-        method.finish(logger.metric_history, d)  # e.g. internalization.png; the store is read only if used
+        for part in (method, task):  # e.g. internalization.png, grokking_curves.png; the store is read only if used
+            part.finish(logger.metric_history, d)
         if any(Path(d).iterdir()):
             logger.log_artifacts(d)
     if measures_capacity(task, method):

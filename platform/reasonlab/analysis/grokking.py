@@ -11,6 +11,7 @@ TRAINED = SETS[:3]
 FIT = 0.99  # every trained set at least this accurate: the training set is fit
 GROKKED = 0.95  # held-out ID inferred facts at least this accurate: generalized ("grokked")
 HALFWAY = 0.5  # ... half of them answered: how fast generalization gets going, for runs too short to grok
+CURVES_PNG = "grokking_curves.png"  # the accuracy curves, on a run and on a sweep's parent run
 COLUMNS = ["trial", "phi", "weight_decay", "grad_filter", "steps", "steps_to_fit", "steps_to_id50", "steps_to_id95",
            "grok_delay", "best_id", "best_ood", "final_id", "final_ood", "eval_share", "status", "run_id"]
 

@@ -7,8 +7,9 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from reasonlab.analysis.grokking import CURVES_PNG
+
 CSV = "grokking.csv"
-CURVES_PNG = "grokking_curves.png"
 PHI_PNG = "steps_to_grok_vs_phi.png"
 
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Iterable, Iterator, Sequence
+from typing import Callable, ClassVar, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -72,6 +72,11 @@ class Task:
     def write_artifacts(self, directory: str) -> bool:
         """Write the data a run should keep with it (e.g. generated profiles); True if anything was written."""
         return False
+
+    def finish(self, history: Callable[[], dict[str, list[tuple[int, float]]]], directory: str) -> None:
+        """Write the run's task-specific artifacts (plots) into `directory` at the end of a run, as
+        `Method.finish` does for methods; `history()` reads every metric's (step, value) series from the store,
+        so only tasks that draw something call it. Nothing by default."""
 
     def show(self, example: Example) -> str:
         """One example as `reasonlab data sample` prints it."""

@@ -399,6 +399,17 @@ class KnowledgeGraphTask(Task):
         design)."""
         return {e.prompt for name in ("test_inferred_id", "test_inferred_ood") for e in self.eval_set(name)}
 
+    def finish(self, history, directory: str) -> None:
+        """`grokking_curves.png`: the five named sets' accuracy against steps (log axis), as the sweep's parent
+        run draws one panel per trial."""
+        from reasonlab.analysis.grokking import CURVES_PNG, plot_curves
+
+        p = self.params
+        label = f"{p.kind}, |E|={p.entities}, phi={p.phi:g}, atomic facts x{p.atomic_repeat}"
+        curves = history()
+        if any(k.startswith("eval/") and k.endswith("/accuracy") for k in curves):
+            plot_curves([(label, curves)], f"{directory}/{CURVES_PNG}")
+
     # ---- probes ----
     def probe_sets(self) -> dict[str, list[Example]]:
         """The inferred sets: trained, held-out ID and OOD queries."""

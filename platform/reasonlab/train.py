@@ -1,6 +1,7 @@
 """The per-worker training loop and the TorchTrainer around it (Ray Train V2)."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -208,8 +209,9 @@ def finish_run(model, tokenizer, method, task, cfg: Config, spec: dict, device, 
     log_model(model, tokenizer, method, logger, "model", logged_model_step=cfg.train.max_steps)
     logger.log_text("".join(json.dumps(p) + "\n" for p in predictions), "predictions.jsonl")
     with tempfile.TemporaryDirectory() as d:
-        for part in (method, task):  # e.g. internalization.png, grokking_curves.png; the store is read only if used
-            part.finish(logger.metric_history, d)
+        history = functools.cache(logger.metric_history)  # read from the store once, and only if a part draws
+        for part in (method, task):  # e.g. internalization.png, grokking_curves.png
+            part.finish(history, d)
         if any(Path(d).iterdir()):
             logger.log_artifacts(d)
     if measures_capacity(task, method):

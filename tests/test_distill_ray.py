@@ -110,7 +110,7 @@ def test_bad_stages_and_references_fail_before_ray(kd_pipeline, reasonlab_home, 
     finally:
         client.set_terminated(running.info.run_id, "KILLED")
     student = {"name": "kd_student", "teacher": "no-such-run"}  # the same checks outside a staged job
-    job = yaml.safe_load((REPO / "jobs" / "si_mult.yaml").read_text())
+    job = yaml.safe_load((REPO / "jobs" / "si_mult_2x2.yaml").read_text())
     job["method"] = student
     (tmp_path / "student.yaml").write_text(yaml.safe_dump(job))
     _refused(["train", str(tmp_path / "student.yaml")], "method.teacher: no run with id or name 'no-such-run'")
@@ -119,7 +119,7 @@ def test_bad_stages_and_references_fail_before_ray(kd_pipeline, reasonlab_home, 
 def test_a_comparison_evaluates_every_method_on_one_test_set(kd_pipeline, reasonlab_home, tmp_path):
     path = tmp_path / "compare.yaml"
     path.write_text(yaml.safe_dump({
-        "compare": {"nocot": {"job": str(REPO / "jobs" / "si_mult.yaml"), "overrides": ["method={name: nocot}"]},
+        "compare": {"nocot": {"job": str(REPO / "jobs" / "si_mult_2x2.yaml"), "overrides": ["method={name: nocot}"]},
                     "icot_kd": {"run": kd_pipeline["name"]},  # the staged job's final model
                     "diffusion": {"job": str(REPO / "jobs" / "dot_mult.yaml"),
                                   "overrides": ["task.a_digits=2", "task.b_digits=2", "method.steps=4"]}},

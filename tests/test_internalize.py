@@ -225,7 +225,7 @@ def test_cli_rejects_bad_internalization_input_before_ray_starts():
     from conftest import cli_in_fresh_python
 
     for args in (["method.smoothing_lambda=0"], ["task.name=profiles_qa"], ["method.epoch_examples=0"]):
-        out = cli_in_fresh_python("train", "jobs/si_mult.yaml", *args)
+        out = cli_in_fresh_python("train", "jobs/si_mult_2x2.yaml", *args)
         assert out.returncode == 2, out.stderr
         assert len(out.stderr.strip().splitlines()) == 1 and out.stdout.strip().endswith("NO_RAY")
 

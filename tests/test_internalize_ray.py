@@ -25,7 +25,7 @@ def _expected_removed(step: int) -> float:
 
 def test_killed_internalization_resumes_on_schedule_and_ends_without_a_chain(ray_head, reasonlab_home, tmp_path):
     name = "si-killed"
-    args = ["train", "jobs/si_mult.yaml", *SI, f"tracking.run_name={name}"]
+    args = ["train", "jobs/si_mult_2x2.yaml", *SI, f"tracking.run_name={name}"]
     registered = kill_after_first_checkpoint(args, name, reasonlab_home)  # at step 40: 4 of 8 tokens gone
     assert 0 < registered < 200
     assert 0 < _expected_removed(registered) < 8 or registered > 60

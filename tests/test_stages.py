@@ -44,7 +44,7 @@ def test_a_stage_can_be_dropped_when_a_finished_run_stands_in_for_it():
 
 
 def test_a_job_without_stages_is_one_config():
-    cfg = load_job(REPO / "jobs" / "si_mult.yaml", ["train.max_steps=5"])
+    cfg = load_job(REPO / "jobs" / "si_mult_2x2.yaml", ["train.max_steps=5"])
     assert not isinstance(cfg, Pipeline) and cfg.train.max_steps == 5
 
 

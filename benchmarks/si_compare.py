@@ -3,9 +3,10 @@ CI): trains the three runs of a job with `reasonlab train` one after another, th
 model on the same test examples with the same evaluator, at batch size 1 (the papers' figure) and at a
 large batch. Prints a Markdown table and writes JSON.
 
-    python benchmarks/si_compare.py jobs/si_mult.yaml --name si8k          # ~45 min on 2 cores
-    python benchmarks/si_compare.py jobs/si_mult.yaml --name si8k --measure-only     # runs already there
-    python benchmarks/si_compare.py jobs/si_mult.yaml train.seed=1 --name si8k-s1 --train si \\
+    python benchmarks/si_compare.py jobs/si_mult.yaml --name si3           # 3×3: ~2 h on 2 cores
+    python benchmarks/si_compare.py jobs/si_mult.yaml --name si3 --measure-only      # runs already there
+    python benchmarks/si_compare.py jobs/si_mult_2x2.yaml --name si8k      # 2×2: ~45 min
+    python benchmarks/si_compare.py jobs/si_mult_2x2.yaml train.seed=1 --name si8k-s1 --train si \\
         --run cot=si8k-cot --run nocot=si8k-nocot           # another SI seed against the same baselines
 
 The three runs are `NAME-si` (the job as written), `NAME-cot` (method.remove_per_epoch=0: the same method

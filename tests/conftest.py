@@ -66,7 +66,9 @@ _heads: list[dict] = []  # the session's head, once started
 
 def _start_head() -> dict:
     ray = str(BIN / "ray")
-    env = dict(os.environ, RAY_AUTH_MODE="token", PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    # not the RAY_ADDRESS of a head this replaces: `ray job submit` prefers it to its --address
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_AUTH_MODE="token", PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
     subprocess.run([ray, "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
     port, dashboard = _free_port(), _free_port()
     # its own temp dir (short: Ray's socket paths live under it) names this head's processes at teardown,

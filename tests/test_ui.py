@@ -188,3 +188,25 @@ def test_ui_server_answers_with_one_worker_and_no_job_consumers(home, tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
+
+
+def _open_run_at_the_barrier(barrier, name: str) -> None:
+    barrier.wait()
+    DriverRun(load_config(REPO / "jobs" / "quickstart.yaml", [f"tracking.run_name={name}"]), name)
+
+
+def test_drivers_started_at_once_on_a_new_store_each_get_their_run(home):
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    barrier = ctx.Barrier(3)
+    procs = [ctx.Process(target=_open_run_at_the_barrier, args=(barrier, f"at-once-{i}")) for i in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0, 0]  # MLflow's schema migration raced and failed in all but one
+    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    [experiment] = client.search_experiments(filter_string="name = 'reasonlab'")
+    names = {r.info.run_name for r in client.search_runs([experiment.experiment_id])}
+    assert names == {"at-once-0", "at-once-1", "at-once-2"}

@@ -50,20 +50,28 @@ def encode_range(spec: dict, start: int, stop: int) -> dict[str, np.ndarray]:
     return batch
 
 
-def _generate(batch: dict[str, np.ndarray], spec: dict, offset: int) -> dict[str, np.ndarray]:
-    ids = batch["id"]
-    start, stop = offset + int(ids[0]), offset + int(ids[-1]) + 1
-    if stop - start != len(ids):  # range() blocks are contiguous; guard the assumption
-        raise RuntimeError("non-contiguous index batch")
-    return encode_range(spec, start, stop)
+def _generate(batch: dict[str, np.ndarray], spec: dict):
+    """Each row [start, stop) of `batch` as tokenized batches of at most BATCH_ROWS rows, in order."""
+    for start, stop in zip(batch["start"].tolist(), batch["stop"].tolist()):
+        for lo in range(start, stop, BATCH_ROWS):
+            yield encode_range(spec, lo, min(stop, lo + BATCH_ROWS))
 
 
-def train_dataset(spec: dict, start: int, stop: int) -> ray.data.Dataset:
-    """Examples start..stop-1, generated and tokenized by Ray Data tasks (nothing built on the driver)."""
+def train_dataset(spec: dict, start: int, stop: int, tasks: int = 1) -> ray.data.Dataset:
+    """Examples start..stop-1, generated and tokenized by at most `tasks` Ray Data tasks at once (nothing built on
+    the driver but the index ranges).
+
+    The tasks reserve no CPU. Ray Data budgets CPUs by what Ray's AutoscalingCoordinator reserves to it, and a
+    Train run stopped uncleanly (killed, a trial a sweep stopped) keeps its reservation there for 180 s, as does
+    every concurrent run: on a small cluster that budget is often 0, and tasks that need a CPU then never start
+    once the first blocks wait for the trainer (ray_and_mlflow.md §2.3). So the ranges are items, not a
+    `range()` whose read tasks take a CPU each, and `tasks` bounds the generators instead."""
     import ray.data  # here, so the encoder above runs without Ray (GPU checks, benchmarks)
 
     n = stop - start
     blocks = max(1, min(MAX_BLOCKS, math.ceil(n / BATCH_ROWS)))
-    return ray.data.range(n, override_num_blocks=blocks).map_batches(
-        _generate, fn_kwargs={"spec": spec, "offset": start}, batch_size=BATCH_ROWS, batch_format="numpy"
-    )
+    edges = [start + n * i // blocks for i in range(blocks + 1)]
+    ranges = [{"start": lo, "stop": hi} for lo, hi in zip(edges[:-1], edges[1:])]
+    return ray.data.from_items(ranges, override_num_blocks=blocks).map_batches(
+        _generate, fn_kwargs={"spec": spec}, batch_size=1, batch_format="numpy", num_cpus=0,
+        compute=ray.data.TaskPoolStrategy(size=max(1, tasks)))

@@ -8,6 +8,7 @@ tracking URI, so it travels with the run id.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -68,6 +69,20 @@ def local_artifact_root(uri: str) -> str | None:
     if not uri.startswith("sqlite:///"):
         return None
     return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
+
+
+@contextlib.contextmanager
+def _local_store_lock(uri: str):
+    """Held while a driver opens a local store: of two drivers started at once on a new one, one creates it
+    (MLflow's schema migrations) and the experiment while the other waits; the other's migration failed."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    path = Path(uri.removeprefix("sqlite:///"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        yield
 
 
 def _experiment_id(client: MlflowClient, name: str, uri: str) -> str:
@@ -228,10 +243,9 @@ class DriverRun:
 
     def __init__(self, cfg: Config, run_name: str, parent_run_id: str | None = None) -> None:
         self.uri = tracking_uri(cfg)
-        if self.uri.startswith("sqlite:///"):
-            Path(self.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        self.client = MlflowClient(self.uri)
-        self.experiment_id = _experiment_id(self.client, cfg.tracking.experiment, self.uri)
+        with _local_store_lock(self.uri):
+            self.client = MlflowClient(self.uri)
+            self.experiment_id = _experiment_id(self.client, cfg.tracking.experiment, self.uri)
         self.run_name = run_name
         existing = self.client.search_runs(
             [self.experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1

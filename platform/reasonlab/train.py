@@ -289,8 +289,8 @@ FIRST_BATCH_PATIENCE_S = 120.0
 
 def _first_fetched_ahead(batches, say, patience: float = FIRST_BATCH_PATIENCE_S):
     """The batches, the first of them fetched in a thread from now on (an error in it is raised when the first
-    batch is asked for), with one line if it keeps the asker waiting longer than `patience` seconds: a run
-    starved of the CPU Ray Data needs otherwise waits in silence, its last line the model's size."""
+    batch is asked for), with one line if it keeps the asker waiting longer than `patience` seconds: a run whose
+    data does not come otherwise waits in silence, its last line the model's size."""
     first: dict = {}
 
     def fetch():
@@ -305,8 +305,8 @@ def _first_fetched_ahead(batches, say, patience: float = FIRST_BATCH_PATIENCE_S)
     def stream():
         thread.join(patience)
         if thread.is_alive():
-            say(f"no training batch from Ray Data after {patience:g} s: its tasks need a CPU that the workers "
-                f"leave free (`ray status` shows what holds the cluster's CPUs)", flush=True)
+            say(f"no training batch from Ray Data after {patience:g} s (`ray status` shows what holds the "
+                f"cluster's CPUs)", flush=True)
             thread.join()
         if "error" in first:
             raise first["error"]
@@ -511,7 +511,10 @@ def run_training(cfg: Config, parent_run_id: str | None = None, callbacks: list 
     # Train V2 sends worker prints both to stdout and to its logger, so each line showed twice
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     stopping.connect()
-    resources = worker_resources(cfg, ray.available_resources().get("CPU", 1.0))
+    available = ray.available_resources().get("CPU", 1.0)
+    resources = worker_resources(cfg, available)
+    # Ray Data's generators: as many at once as the CPUs the workers leave free when the run starts, at least one
+    data_tasks = max(1, int(available - resources["CPU"] * cfg.scaling.num_workers + 1e-6))
     # workers no node can hold would be waited for forever: refused here, before a run exists (ConfigError)
     check_cluster_resources([(resources, cfg.scaling.num_workers)])
     if parent_run_id is None:  # before the run exists: its "starting run" line may be the last thing a stop sees
@@ -536,7 +539,7 @@ def run_training(cfg: Config, parent_run_id: str | None = None, callbacks: list 
         def dataset():  # runs on the controller at every worker-group (re)start
             quiet_data_context()
             start = latest_checkpoint_step(storage, run_name) * cfg.train.batch_size  # resume the stream
-            return train_dataset(spec, start, max(total, start + 1))
+            return train_dataset(spec, start, max(total, start + 1), tasks=data_tasks)
 
         trainer = TorchTrainer(
             train_loop_per_worker,

@@ -137,7 +137,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(ray_head, reasonlab_home):
 def test_two_runs_at_once_on_the_two_cpu_head_both_train_to_the_end(ray_head, reasonlab_home):
     # the second run's workers leave Ray Data no CPU, and Ray's AutoscalingCoordinator leaves it a budget of 0:
     # its generators, which reserve no CPU, must stream all the same (they needed one, and it waited for good)
-    args = [*TINY, "scaling.torch_threads=1", "train.max_steps=600", "train.eval_every=600", "train.log_every=300"]
+    args = [*TINY, "scaling.torch_threads=1", "train.max_steps=300", "train.eval_every=300", "train.log_every=100"]
     procs = [subprocess.Popen([str(BIN / "reasonlab"), "train", "jobs/quickstart.yaml", *args,
                                f"tracking.run_name=together-{i}"], cwd=REPO, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, start_new_session=True) for i in range(2)]
@@ -150,7 +150,7 @@ def test_two_runs_at_once_on_the_two_cpu_head_both_train_to_the_end(ray_head, re
                 p.wait()
     for p, out in zip(procs, outs):
         assert p.returncode == 0 and "no training batch" not in out, out[-3000:]
-        assert "step 600/600" in out
+        assert "step 300/300" in out
     assert {_run(reasonlab_home, f"together-{i}").info.status for i in range(2)} == {"FINISHED"}
 
 

@@ -13,7 +13,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import BIN, REPO, _free_port, cli_in_fresh_python, reasonlab
-from reasonlab.train import latest_checkpoint_step
+from reasonlab.data import latest_checkpoint_step
 
 pytestmark = pytest.mark.ray
 

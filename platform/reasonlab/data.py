@@ -6,6 +6,7 @@ the examples it had not trained on yet.
 """
 from __future__ import annotations
 
+import json
 import math
 from typing import TYPE_CHECKING
 
@@ -75,3 +76,55 @@ def train_dataset(spec: dict, start: int, stop: int, tasks: int = 1) -> ray.data
     return ray.data.from_items(ranges, override_num_blocks=blocks).map_batches(
         _generate, fn_kwargs={"spec": spec}, batch_size=1, batch_format="numpy", num_cpus=0,
         compute=ray.data.TaskPoolStrategy(size=max(1, tasks)))
+
+
+def resumed_train_dataset(spec: dict, storage: str, run_name: str, batch_size: int, total: int,
+                          tasks: int) -> ray.data.Dataset:
+    """The stream of a run's `total` examples from where its last registered checkpoint left it."""
+    quiet_data_context()
+    start = latest_checkpoint_step(storage, run_name) * batch_size
+    return train_dataset(spec, start, max(total, start + 1), tasks)
+
+
+def latest_checkpoint_step(storage: str, run_name: str) -> int:
+    """Step of the checkpoint Ray Train will restore for this run (0 if none).
+
+    Read from Ray's own checkpoint record, the file `get_checkpoint()` restores from after a restart:
+    a checkpoint folder can be uploaded before Ray registers it, so the newest folder on disk may not be
+    the one the workers get. (A private file of Ray 2.60; the resume test fails if it changes.)
+    """
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(storage) if "://" in storage else (pafs.LocalFileSystem(), storage)
+    path = f"{root}/{run_name}/checkpoint_manager_snapshot.json"
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return 0
+    with fs.open_input_stream(path) as f:
+        latest = json.loads(f.read()).get("latest_checkpoint_result") or {}
+    name = latest.get("checkpoint_dir_name") or ""
+    if not name.startswith("step_"):
+        raise RuntimeError(f"{path}: cannot tell which checkpoint Ray Train will restore")
+    return int(name.removeprefix("step_"))
+
+
+def quiet_data_context() -> None:
+    """Ray Data settings of this process: a rerun must see the examples in the same order. Ray Data's progress
+    is logged at INFO, hidden like its other INFO lines, rather than drawn as bars: with no terminal attached
+    (workers, actors) and no Ray tqdm it logs; bars turned off are announced by a warning of their own."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.use_ray_tqdm = False
+    ctx.execution_options.preserve_order = True
+    quiet_ray_loggers()
+
+
+def quiet_ray_loggers() -> None:
+    """Ray Train and Ray Data's INFO lines in this process (a checkpoint created, a result reported, a dataset's
+    execution started and finished) hidden; their warnings stay."""
+    import logging
+
+    import ray.train.v2._internal.execution.context as train_context
+
+    for name in ("ray.train", "ray.data", train_context.__file__):  # that module names its logger by its path
+        logging.getLogger(name).setLevel(logging.WARNING)

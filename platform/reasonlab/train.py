@@ -23,6 +23,7 @@ from reasonlab.models import count_parameters
 from reasonlab.models.causal import count_used_parameters, size_for_params
 from reasonlab.models.hub import check_hub_model
 from reasonlab.tasks import make_task
+from reasonlab.data import quiet_data_context, quiet_ray_loggers
 from reasonlab.tokenizer import build_tokenizer, load_tokenizer, tokenizer_files, tokenizer_from_files
 
 CHECKPOINT_FILE = "state.pt"
@@ -431,27 +432,6 @@ def _has_tokenizer(path: str) -> bool:
         return False
 
 
-def latest_checkpoint_step(storage: str, run_name: str) -> int:
-    """Step of the checkpoint Ray Train will restore for this run (0 if none).
-
-    Read from Ray's own checkpoint record, the file `get_checkpoint()` restores from after a restart:
-    a checkpoint folder can be uploaded before Ray registers it, so the newest folder on disk may not be
-    the one the workers get. (A private file of Ray 2.60; the resume test fails if it changes.)
-    """
-    import pyarrow.fs as pafs
-
-    fs, root = pafs.FileSystem.from_uri(storage) if "://" in storage else (pafs.LocalFileSystem(), storage)
-    path = f"{root}/{run_name}/checkpoint_manager_snapshot.json"
-    if fs.get_file_info(path).type != pafs.FileType.File:
-        return 0
-    with fs.open_input_stream(path) as f:
-        latest = json.loads(f.read()).get("latest_checkpoint_result") or {}
-    name = latest.get("checkpoint_dir_name") or ""
-    if not name.startswith("step_"):
-        raise RuntimeError(f"{path}: cannot tell which checkpoint Ray Train will restore")
-    return int(name.removeprefix("step_"))
-
-
 def worker_resources(cfg: Config, available_cpus: float) -> dict:
     """Per-worker resources. On CPU, workers leave Ray Data at least one CPU, or it starves
     (ray_and_mlflow.md §2.3)."""
@@ -468,29 +448,6 @@ def worker_resources(cfg: Config, available_cpus: float) -> dict:
     return resources
 
 
-def quiet_data_context() -> None:
-    """Ray Data settings of this process: a rerun must see the examples in the same order. Ray Data's progress
-    is logged at INFO, hidden like its other INFO lines, rather than drawn as bars: with no terminal attached
-    (workers, actors) and no Ray tqdm it logs; bars turned off are announced by a warning of their own."""
-    import ray.data
-
-    ctx = ray.data.DataContext.get_current()
-    ctx.use_ray_tqdm = False
-    ctx.execution_options.preserve_order = True
-    quiet_ray_loggers()
-
-
-def quiet_ray_loggers() -> None:
-    """Ray Train and Ray Data's INFO lines in this process (a checkpoint created, a result reported, a dataset's
-    execution started and finished) hidden; their warnings stay."""
-    import logging
-
-    import ray.train.v2._internal.execution.context as train_context
-
-    for name in ("ray.train", "ray.data", train_context.__file__):  # that module names its logger by its path
-        logging.getLogger(name).setLevel(logging.WARNING)
-
-
 def run_training(cfg: Config, parent_run_id: str | None = None, callbacks: list | None = None,
                  out=sys.stdout) -> TrainOutcome:
     """Train one job on Ray, tracked as one MLflow run (a child of `parent_run_id` in a sweep).
@@ -503,7 +460,7 @@ def run_training(cfg: Config, parent_run_id: str | None = None, callbacks: list 
     from ray.train.torch import TorchTrainer
 
     from reasonlab.cluster import check_cluster_resources
-    from reasonlab.data import train_dataset
+    from reasonlab.data import resumed_train_dataset
     from reasonlab import stopping
     from reasonlab.tracking import DriverRun, storage_path
 
@@ -536,11 +493,10 @@ def run_training(cfg: Config, parent_run_id: str | None = None, callbacks: list 
         spec.update(run_id=run.run_id, tracking_uri=run.uri)
         total = cfg.train.max_steps * cfg.train.batch_size
 
-        def dataset():  # runs on the controller at every worker-group (re)start
-            quiet_data_context()
-            start = latest_checkpoint_step(storage, run_name) * cfg.train.batch_size  # resume the stream
-            return train_dataset(spec, start, max(total, start + 1), tasks=data_tasks)
-
+        # called on Train's controller at every worker-group (re)start; plain values and reasonlab.data only, so
+        # the controller, which unpickles it before it starts the workers, imports neither torch nor transformers
+        dataset = functools.partial(resumed_train_dataset, spec, storage, run_name, cfg.train.batch_size, total,
+                                    data_tasks)
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config=spec,

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from reasonlab.config import Config, ConfigError, config_from_dict
+from reasonlab.data import quiet_data_context, quiet_ray_loggers
 from reasonlab.evaluate import LastingBar, evaluate
 from reasonlab.loop import TrainLoop
 from reasonlab.methods import example_length, make_method, prompt_length, sequence_length, target_length
@@ -23,7 +24,6 @@ from reasonlab.models import count_parameters
 from reasonlab.models.causal import count_used_parameters, size_for_params
 from reasonlab.models.hub import check_hub_model
 from reasonlab.tasks import make_task
-from reasonlab.data import quiet_data_context, quiet_ray_loggers
 from reasonlab.tokenizer import build_tokenizer, load_tokenizer, tokenizer_files, tokenizer_from_files
 
 CHECKPOINT_FILE = "state.pt"
@@ -433,8 +433,8 @@ def _has_tokenizer(path: str) -> bool:
 
 
 def worker_resources(cfg: Config, available_cpus: float) -> dict:
-    """Per-worker resources. On CPU, workers leave Ray Data at least one CPU, or it starves
-    (ray_and_mlflow.md §2.3)."""
+    """Per-worker resources. On CPU, workers leave at least one CPU to Ray Data's generators, which reserve none
+    (see `reasonlab.data.train_dataset`) but need a core to keep up."""
     n = cfg.scaling.num_workers
     if cfg.scaling.cpus_per_worker is not None:
         cpus = cfg.scaling.cpus_per_worker

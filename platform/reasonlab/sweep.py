@@ -535,8 +535,8 @@ def _training_trials(sweep: Sweep, sweep_name: str, parent, base_cfg: Config, pi
 
     extra = list(pinned)
     if base_cfg.scaling.cpus_per_worker is None and not base_cfg.scaling.use_gpu:
-        # concurrent trials share the CPUs and leave Ray Data one whole CPU, after the trial
-        # actors' own share, or its 1-CPU tasks never start (ray_and_mlflow.md §2.3)
+        # concurrent trials share the CPUs and leave Ray Data's generators one whole CPU, after the trial
+        # actors' own share: they reserve none (reasonlab.data.train_dataset) but need a core to keep up
         free = ray.cluster_resources().get("CPU", 1.0) - 1 - TRIAL_CPUS * sweep.max_concurrent_trials
         per_worker = math.floor(1000 * free / (sweep.max_concurrent_trials * base_cfg.scaling.num_workers)) / 1000
         extra.append(f"scaling.cpus_per_worker={max(0.05, per_worker)}")
